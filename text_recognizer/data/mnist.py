@@ -1,0 +1,139 @@
+"""MNIST handwritten digits: torchvision's download with its checksum checks, decoded once into tensors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+from text_recognizer.data.base_data_module import Arrays, BaseDataModule
+from text_recognizer.util import UserError
+
+TRAIN_SIZE = 55_000  # the rest of the official 60,000 training images is the validation set
+SPLIT_SEED = 42
+IDX_FILES = {  # raw file -> (IDX magic number, number of items)
+    "train-images-idx3-ubyte": (2051, 60_000),
+    "train-labels-idx1-ubyte": (2049, 60_000),
+    "t10k-images-idx3-ubyte": (2051, 10_000),
+    "t10k-labels-idx1-ubyte": (2049, 10_000),
+}
+
+
+def md5(path: Path) -> str:
+    """The md5 of a file's bytes."""
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def check_idx(path: Path, magic: int, count: int) -> None:
+    """Raise UserError unless `path` is a complete IDX file with the expected magic number and item count."""
+    if not path.is_file():
+        raise UserError(f"missing data file {path}")
+    header = np.fromfile(path, dtype=">i4", count=4)
+    dims = 3 if magic == 2051 else 1
+    if len(header) < 1 + dims or header[0] != magic or header[1] != count:
+        raise UserError(f"corrupt data file {path}: not an IDX file of {count} items; delete it and run again")
+    expected = 4 * (1 + dims) + int(np.prod(header[1 : 1 + dims]))
+    if path.stat().st_size != expected:
+        raise UserError(
+            f"corrupt data file {path}: {path.stat().st_size} bytes, expected {expected} (truncated?); delete it and run again"
+        )
+
+
+class MNIST(BaseDataModule):
+    """MNIST: 55,000 / 5,000 train/val split with a fixed seed, the official 10,000 test images."""
+
+    dataset_class = torchvision.datasets.MNIST
+    mean, std = 0.1307, 0.3081
+    dims = (1, 28, 28)
+    output_dims = (1,)
+    mapping = list(range(10))
+    # md5 of the decompressed raw files, where known: they catch a corrupt file of the right size
+    raw_md5: dict[str, str] = {}
+
+    @classmethod
+    def raw_folder(cls, data_dir: Path) -> Path:
+        return Path(data_dir) / cls.dataset_class.__name__ / "raw"
+
+    @classmethod
+    def place_local_copy(cls, raw: Path) -> bool:
+        """Copy the raw files from a local source (none for MNIST); True when they are now in `raw`."""
+        return False
+
+    @classmethod
+    def ensure_raw_files(cls, data_dir: Path) -> Path:
+        """Make sure the raw IDX files are in `data_dir`: already there, a local copy, or the real download."""
+        raw = cls.raw_folder(data_dir)
+        if not all((raw / name).is_file() for name in IDX_FILES) and not cls.place_local_copy(raw):
+            try:
+                cls.dataset_class(str(data_dir), train=True, download=True)
+                cls.dataset_class(str(data_dir), train=False, download=True)
+            except Exception as error:  # torchvision raises RuntimeError/URLError/OSError for every network failure
+                names = ", ".join(IDX_FILES)
+                raise UserError(
+                    f"cannot get {cls.__name__}: download failed ({type(error).__name__}) and the files {names} "
+                    f"are not in {raw}; place them there (or their .gz) and run again"
+                ) from None
+        for name, (magic, count) in IDX_FILES.items():
+            check_idx(raw / name, magic, count)
+            if name in cls.raw_md5 and md5(raw / name) != cls.raw_md5[name]:
+                raise UserError(f"corrupt data file {raw / name}: checksum mismatch; delete it and run again")
+        return raw
+
+    @classmethod
+    def load_arrays(cls, data_dir: Path) -> Arrays:
+        """Decode the IDX files once, normalize once, split 55,000 / 5,000 with a fixed seed."""
+        cls.ensure_raw_files(data_dir)
+        arrays: Arrays = {}
+        for train in (True, False):
+            dataset = cls.dataset_class(str(data_dir), train=train, download=False)
+            x = ((dataset.data.float() / 255.0 - cls.mean) / cls.std).unsqueeze(1)
+            y = dataset.targets.long()
+            if train:
+                order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
+                arrays["x_train"], arrays["y_train"] = x[order[:TRAIN_SIZE]], y[order[:TRAIN_SIZE]]
+                arrays["x_val"], arrays["y_val"] = x[order[TRAIN_SIZE:]], y[order[TRAIN_SIZE:]]
+            else:
+                arrays["x_test"], arrays["y_test"] = x, y
+        return {key: value.contiguous().numpy() for key, value in arrays.items()}
+
+
+def copy_verified(source: Path, raw: Path, md5s: dict[str, str]) -> bool:
+    """Decompress `source/<name>.gz` into `raw/<name>` when every decompressed file has its known md5."""
+    import gzip
+
+    if not all((source / f"{name}.gz").is_file() for name in md5s):
+        return False
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, expected in md5s.items():
+        data = gzip.decompress((source / f"{name}.gz").read_bytes())
+        if hashlib.md5(data).hexdigest() != expected:
+            raise UserError(f"corrupt data file {source / name}.gz: checksum mismatch after decompression")
+        partial = raw / f"{name}.partial"
+        partial.write_bytes(data)
+        partial.replace(raw / name)  # atomic: a killed copy never leaves a truncated file under the real name
+    return True
+
+
+class FashionMNIST(MNIST):
+    """Fashion-MNIST: the MNIST format and splits; uses Debian's dataset-fashion-mnist files when installed."""
+
+    dataset_class = torchvision.datasets.FashionMNIST
+    mean, std = 0.2860, 0.3530
+    mapping = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    debian_dir = Path("/usr/share/datasets/fashion-mnist")
+    # Debian recompressed the .gz files, so torchvision's md5 of the .gz cannot apply: check the decompressed bytes
+    raw_md5 = {
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    }
+
+    @classmethod
+    def place_local_copy(cls, raw: Path) -> bool:
+        return copy_verified(cls.debian_dir, raw, cls.raw_md5)
+
+

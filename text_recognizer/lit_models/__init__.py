@@ -1,0 +1,5 @@
+"""Lightning modules."""
+
+from text_recognizer.lit_models.base import BaseLitModel
+
+__all__ = ["BaseLitModel"]

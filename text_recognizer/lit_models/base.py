@@ -1,0 +1,86 @@
+"""BaseLitModel: optimizer, loss, one-cycle schedule and torchmetrics accuracy around any model."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from text_recognizer.util import positive_float, positive_int
+
+OPTIMIZER = "Adam"
+LR = 1e-3
+ONE_CYCLE_TOTAL_STEPS = 100
+LOSS = "cross_entropy"
+# Names a user may give; looked up in torch.optim / torch.nn.functional, never arbitrary attributes.
+OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "NAdam", "RAdam")
+LOSSES = ("cross_entropy", "nll_loss", "multi_margin_loss")
+
+
+class BaseLitModel(pl.LightningModule):
+    """Trains a classifier; logs train_loss, train_acc, val_loss, val_acc and test_acc once per epoch."""
+
+    def __init__(self, model: torch.nn.Module, args: argparse.Namespace | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.args = vars(args) if args is not None else {}
+        self.optimizer_class = getattr(torch.optim, self.args.get("optimizer", OPTIMIZER))
+        self.lr = self.args.get("lr", LR)
+        self.one_cycle_max_lr = self.args.get("one_cycle_max_lr")
+        self.one_cycle_total_steps = self.args.get("one_cycle_total_steps", ONE_CYCLE_TOTAL_STEPS)
+        self.loss_fn = getattr(F, self.args.get("loss", LOSS))
+        num_classes = model.num_classes  # models expose it from their data config
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    @staticmethod
+    def add_to_argparse(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZER, help=f"torch.optim class (default {OPTIMIZER})")
+        parser.add_argument("--lr", type=positive_float, default=LR, help=f"learning rate (default {LR})")
+        parser.add_argument("--one_cycle_max_lr", type=positive_float, default=None, help="use OneCycleLR with this max lr")
+        parser.add_argument(
+            "--one_cycle_total_steps", type=positive_int, default=ONE_CYCLE_TOTAL_STEPS, help="OneCycleLR total steps"
+        )
+        parser.add_argument("--loss", choices=LOSSES, default=LOSS, help=f"torch.nn.functional loss (default {LOSS})")
+        return parser
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_class(self.parameters(), lr=self.lr)
+        if self.one_cycle_max_lr is None:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.one_cycle_max_lr, total_steps=self.one_cycle_total_steps
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        accuracy = getattr(self, f"{stage}_acc")
+        accuracy.update(logits, y)
+        # epoch-level only: one value per epoch for every metric, and no per-step logging overhead
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # plain types only, so the checkpoint loads with torch.load(weights_only=True) and replays its run
+        checkpoint["run_args"] = {k: v for k, v in self.args.items() if isinstance(v, (str, int, float, bool, type(None)))}

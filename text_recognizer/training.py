@@ -1,0 +1,232 @@
+"""The one training function: build data, model, LitModel and Trainer from run flags; fit; test."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+
+from text_recognizer.data import DATA_CLASSES
+from text_recognizer.data.base_data_module import Arrays
+from text_recognizer.lit_models import BaseLitModel
+from text_recognizer.models import MODEL_CLASSES
+from text_recognizer.util import Parser, UserError, positive_int
+
+DATA_CLASS = "MNIST"
+MODEL_CLASS = "MLP"
+MAX_EPOCHS = 5
+SEED = 42
+EARLY_STOPPING_PATIENCE = 10
+MONITOR = "val_loss"  # the lab's metric for early stopping and the best checkpoint of a single run
+LOG_DIR = Path(__file__).resolve().parents[1] / "training" / "logs"
+WANDB_PROJECT = "text-recognizer"
+
+
+def batches(text: str) -> int | float:
+    """argparse type for Lightning's limit_*/overfit_batches: an int count or a float fraction."""
+    value = float(text) if "." in text else int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _add_trainer_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Trainer Args")
+    group.add_argument("--max_epochs", type=positive_int, default=MAX_EPOCHS, help=f"default {MAX_EPOCHS}")
+    group.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto", help="default auto")
+    group.add_argument("--devices", default="auto", help="devices per run (default auto)")
+    group.add_argument("--gpus", type=int, default=None, help="old spelling of --accelerator=gpu --devices=N; 0 means CPU")
+    group.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true, bf16-mixed")
+    for split in ("train", "val", "test"):
+        group.add_argument(f"--limit_{split}_batches", type=batches, default=1.0, help="batches per epoch: int or fraction")
+    group.add_argument("--overfit_batches", type=batches, default=0.0, help="train and validate on this many batches")
+    group.add_argument("--fast_dev_run", type=int, nargs="?", const=1, default=0, help="run N batches of each stage")
+    group.add_argument("--deterministic", action="store_true", help="use deterministic algorithms")
+    group.add_argument("--check_val_every_n_epoch", type=positive_int, default=1)
+    group.add_argument("--gradient_clip_val", type=float, default=None)
+    group.add_argument("--log_every_n_steps", type=positive_int, default=50)
+    group.add_argument("--seed", type=int, default=SEED, help=f"seed for torch, numpy and python (default {SEED})")
+    group.add_argument("--load_checkpoint", type=str, default=None, help="start from the weights of this checkpoint")
+    group.add_argument("--log_dir", type=str, default=str(LOG_DIR), help=f"where runs write logs and checkpoints ({LOG_DIR})")
+    group.add_argument("--wandb", action="store_true", help="log the run to W&B (offline without credentials)")
+    group.add_argument("--wandb_project", type=str, default=WANDB_PROJECT)
+
+
+def build_parser(argv: Sequence[str] | None = None, prog: str = "run_experiment.py") -> Parser:
+    """The run parser, with the Data, Model and LitModel flags of the classes that `argv` chooses."""
+    parser = Parser(prog=prog, add_help=False, description="Train one model on one dataset, then test it.")
+    _add_trainer_args(parser)
+    parser.add_argument("--data_class", choices=sorted(DATA_CLASSES), default=DATA_CLASS, help=f"default {DATA_CLASS}")
+    parser.add_argument("--model_class", choices=sorted(MODEL_CLASSES), default=MODEL_CLASS, help=f"default {MODEL_CLASS}")
+    # first pass: which classes? (-h comes last, so help shows the chosen classes' flags)
+    known, _ = parser.parse_known_args(argv)
+    DATA_CLASSES[known.data_class].add_to_argparse(parser.add_argument_group("Data Args"))
+    MODEL_CLASSES[known.model_class].add_to_argparse(parser.add_argument_group("Model Args"))
+    BaseLitModel.add_to_argparse(parser.add_argument_group("LitModel Args"))
+    parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str = "run_experiment.py") -> argparse.Namespace:
+    """Parse and check run flags: errors exit with one line and status 2 before any work starts."""
+    parser = build_parser(argv, prog)
+    args = parser.parse_args(argv)
+    try:
+        device_kwargs(args)
+        if args.load_checkpoint and not Path(args.load_checkpoint).is_file():
+            raise UserError(f"--load_checkpoint: no such file {args.load_checkpoint}")
+    except UserError as error:
+        parser.error(str(error))
+    return args
+
+
+def device_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Trainer accelerator/devices from the flags; UserError when GPUs are asked for and absent."""
+    available = torch.cuda.device_count()
+    if args.gpus is not None:
+        if args.gpus < 0:
+            raise UserError(f"--gpus must be >= 0, got {args.gpus}")
+        if args.gpus > available:
+            raise UserError(
+                f"--gpus={args.gpus} but this machine has {available} GPU(s); run on the CPU with --gpus=0 or --accelerator=cpu"
+            )
+        return {"accelerator": "gpu", "devices": args.gpus} if args.gpus else {"accelerator": "cpu", "devices": 1}
+    if args.accelerator == "gpu" and not available:
+        raise UserError("--accelerator=gpu but this machine has no GPU; run on the CPU with --accelerator=cpu")
+    return {"accelerator": args.accelerator, "devices": args.devices}
+
+
+def default_wandb_mode() -> str:
+    """WANDB_MODE if set, else online when W&B credentials exist, else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def run_args_to_argv(run_args: dict[str, Any]) -> list[str]:
+    """The flags that reproduce `run_args` (only those that differ from the defaults)."""
+    defaults = vars(build_parser([f"--data_class={run_args.get('data_class', DATA_CLASS)}",
+                                   f"--model_class={run_args.get('model_class', MODEL_CLASS)}"]).parse_args([]))
+    argv = []
+    for key, value in run_args.items():
+        if key not in defaults or value == defaults[key] and key not in ("data_class", "model_class"):
+            continue
+        if isinstance(value, bool):
+            argv += [f"--{key}"] if value else []
+        elif value is not None:
+            argv.append(f"--{key}={value}")
+    return argv
+
+
+class EpochTimer(Callback):
+    """Records when the first training step starts and the wall seconds of each epoch."""
+
+    def __init__(self) -> None:
+        self.first_step_time: float | None = None
+        self.epoch_start = 0.0
+        self.epoch_seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.first_step_time is None:
+            self.first_step_time = time.time()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch_seconds.append(time.perf_counter() - self.epoch_start)
+
+
+def epoch_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The epoch-level metrics Lightning holds now, as floats, plus `diverged` when a loss is not finite."""
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    metrics["diverged"] = any(not math.isfinite(v) for k, v in metrics.items() if k.endswith("_loss"))
+    return metrics
+
+
+def fit(
+    args: argparse.Namespace,
+    *,
+    arrays: Arrays | None = None,
+    callbacks: Sequence[Callback] = (),
+    ckpt_path: str | None = None,
+    search: bool = False,
+    trainer_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train per `args` and return the final metrics; a search trial passes `search=True` (no test, no logs)."""
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    data = DATA_CLASSES[args.data_class](args, arrays=arrays)
+    model = MODEL_CLASSES[args.model_class](data_config=data.config(), args=args)
+    lit_model = BaseLitModel(model=model, args=args)
+    if args.load_checkpoint:
+        state = torch.load(args.load_checkpoint, map_location="cpu", weights_only=True)
+        lit_model.load_state_dict(state["state_dict"])
+
+    timer = EpochTimer()
+    run_callbacks: list[Callback] = [timer, EarlyStopping(monitor=MONITOR, mode="min", patience=EARLY_STOPPING_PATIENCE)]
+    loggers: list[Logger] | bool = False
+    checkpoint = None
+    if not search:
+        log_dir = Path(args.log_dir)
+        loggers = [CSVLogger(save_dir=log_dir, name=f"{args.data_class}_{args.model_class}")]
+        if args.wandb:
+            loggers.append(WandbLogger(project=args.wandb_project, save_dir=log_dir, log_model=True,
+                                       mode=default_wandb_mode(), config=vars(args)))
+        checkpoint = ModelCheckpoint(monitor=MONITOR, mode="min", filename="epoch={epoch:03d}-val_loss={val_loss:.3f}",
+                                     auto_insert_metric_name=False)
+        run_callbacks.append(checkpoint)
+    kwargs: dict[str, Any] = dict(
+        max_epochs=args.max_epochs,
+        precision=args.precision,
+        limit_train_batches=args.limit_train_batches,
+        limit_val_batches=args.limit_val_batches,
+        limit_test_batches=args.limit_test_batches,
+        overfit_batches=args.overfit_batches,
+        fast_dev_run=args.fast_dev_run,
+        deterministic=args.deterministic or None,
+        check_val_every_n_epoch=args.check_val_every_n_epoch,
+        gradient_clip_val=args.gradient_clip_val,
+        log_every_n_steps=args.log_every_n_steps,
+        callbacks=[*run_callbacks, *callbacks],
+        logger=loggers,
+        enable_checkpointing=not search,
+        # a trial has nobody watching its terminal: no progress bar, summary or sanity check
+        enable_progress_bar=not search and os.isatty(2),
+        enable_model_summary=not search,
+        num_sanity_val_steps=0 if search else 2,
+        **device_kwargs(args),
+    )
+    kwargs.update(trainer_overrides or {})
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(lit_model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+
+    metrics = epoch_metrics(trainer)
+    metrics.update(
+        epochs=trainer.current_epoch,
+        seconds_per_epoch=sum(timer.epoch_seconds) / max(len(timer.epoch_seconds), 1),
+        first_step_time=timer.first_step_time,
+    )
+    if not search:
+        best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+        (test_metrics,) = trainer.test(lit_model, datamodule=data, ckpt_path=best, weights_only=True, verbose=False)
+        metrics.update(test_metrics, best_model_path=best)
+        for logger in loggers:
+            logger.finalize("success")
+        if args.wandb:
+            import wandb
+
+            wandb.finish()
+    return metrics
