@@ -1,0 +1,34 @@
+"""Entry points: `run_experiment.py` / text-recognizer-train and `tune_mlp.py` / text-recognizer-search."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from text_recognizer.util import UserError, check_versions, fail
+
+
+def run_experiment(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse run flags, train, test; print test_acc and the best checkpoint. Returns the metrics."""
+    from text_recognizer.training import fit, parse_args
+
+    try:
+        check_versions()
+        args = parse_args(argv)
+        metrics = fit(args)
+    except UserError as error:
+        fail(f"run_experiment.py: error: {error}")
+    print(f"test_acc={metrics['test_acc']:.4f}")
+    print(f"best checkpoint: {metrics['best_model_path']}")
+    return metrics
+
+
+def tune_mlp(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) a Ray Tune search; returns the summary written to summary.json."""
+    from text_recognizer.search.driver import run_search
+
+    try:
+        check_versions()
+        return run_search(argv)
+    except UserError as error:
+        fail(f"tune_mlp.py: error: {error}")

@@ -1,0 +1,190 @@
+"""Search configs (YAML): the search space over run flags, ASHA settings and fixed run args, validated."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from text_recognizer.training import DATA_CLASS, MODEL_CLASS, build_parser
+from text_recognizer.util import UserError
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+DEFAULT_CONFIG = EXPERIMENTS_DIR / "mlp_asha.yaml"
+METRICS = {"val_acc": "max", "val_loss": "min", "train_acc": "max", "train_loss": "min"}
+SAMPLERS = ("choice", "uniform", "loguniform", "randint", "grid")
+# Flags the search itself controls: a trial's epochs are ASHA's max_t, its device is the one Ray gave it.
+NOT_SEARCHABLE = {"max_epochs", "gpus", "accelerator", "devices", "log_dir", "wandb", "wandb_project",
+                  "load_checkpoint", "fast_dev_run", "help"}
+CLASS_FLAGS = {"data_class", "model_class"}  # may be fixed, never sampled: they decide which flags exist
+
+
+@dataclass
+class SearchConfig:
+    """A validated search config; field names are the YAML keys."""
+
+    path: str = str(DEFAULT_CONFIG)
+    metric: str = "val_acc"
+    mode: str = "max"
+    num_samples: int = 10
+    seed: int = 0
+    max_t: int = 10
+    grace_period: int = 1
+    reduction_factor: float = 3
+    fixed: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    description: str = ""
+
+    def param_space(self) -> dict[str, Any]:
+        """The Tune param space: fixed run args, samplers for the searched ones, and max_epochs = max_t."""
+        from ray import tune
+
+        samplers = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda v: tune.uniform(*v),
+                    "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+        space = {key: samplers[kind](value) for key, spec in self.space.items() for kind, value in spec.items()}
+        return {**self.fixed, **space, "max_epochs": self.max_t}
+
+    def settings(self) -> dict[str, Any]:
+        """The search settings (no search space), for W&B configs and summary.json."""
+        return {k: v for k, v in asdict(self).items() if k not in ("space", "fixed")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+TOP_LEVEL = {"metric": str, "mode": str, "num_samples": int, "seed": int, "fixed": dict, "space": dict,
+             "description": str, "scheduler": dict}
+INT_TYPES = ("int", "positive_int")
+FLOAT_TYPES = ("float", "positive_float", "probability")
+SCHEDULER = {"max_t": int, "grace_period": int, "reduction_factor": (int, float)}
+
+
+def _is(value: Any, types: Any) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)  # YAML's true is not a number
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
+    """Read and validate a search config; `overrides` are run args from the command line, fixed for every trial.
+
+    Raises UserError naming the file and the key for every problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"search config {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: YAML syntax error{where}: {getattr(error, 'problem', error)}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+
+    def bad(key: str, message: str) -> UserError:
+        return UserError(f"{path}: {key}: {message}")
+
+    for key, value in raw.items():
+        if key not in TOP_LEVEL:
+            raise bad(key, f"unknown key (known: {', '.join(TOP_LEVEL)})")
+        if not _is(value, TOP_LEVEL[key]):
+            raise bad(key, f"expected {TOP_LEVEL[key].__name__}, got {type(value).__name__} {value!r}")
+    scheduler = raw.get("scheduler", {})
+    for key, value in scheduler.items():
+        if key not in SCHEDULER:
+            raise bad(f"scheduler.{key}", f"unknown key (known: {', '.join(SCHEDULER)})")
+        if not _is(value, SCHEDULER[key]):
+            raise bad(f"scheduler.{key}", f"expected a number, got {type(value).__name__} {value!r}")
+    config = SearchConfig(path=str(path), **{k: v for k, v in raw.items() if k != "scheduler"}, **scheduler)
+
+    if config.metric not in METRICS:
+        raise bad("metric", f"unknown metric {config.metric!r} (known: {', '.join(METRICS)})")
+    if config.mode not in ("min", "max"):
+        raise bad("mode", f"must be min or max, got {config.mode!r}")
+    for key in ("num_samples", "max_t", "grace_period"):
+        if getattr(config, key) < 1:
+            raise bad(key if key == "num_samples" else f"scheduler.{key}", f"must be >= 1, got {getattr(config, key)}")
+    if config.grace_period > config.max_t:
+        raise bad("scheduler.grace_period", f"{config.grace_period} is more than max_t {config.max_t}")
+    if config.reduction_factor <= 1:
+        raise bad("scheduler.reduction_factor", f"must be > 1, got {config.reduction_factor}")
+    if not config.space:
+        raise bad("space", "the search space is empty")
+
+    fixed = {**config.fixed, **(overrides or {})}
+    for key, value in fixed.items():
+        if key in NOT_SEARCHABLE:
+            raise bad(f"fixed.{key}", "is set by the search itself" + (" (scheduler.max_t)" if key == "max_epochs" else ""))
+    parser = build_parser([f"--data_class={fixed.get('data_class', DATA_CLASS)}",
+                           f"--model_class={fixed.get('model_class', MODEL_CLASS)}"], prog=str(path))
+    actions = {action.dest: action for action in parser._actions}
+    for key, value in fixed.items():
+        _check_value(actions, key, value, bad, f"fixed.{key}")
+    config.fixed = fixed
+    for key, spec in config.space.items():
+        name = f"space.{key}"
+        if key in NOT_SEARCHABLE or key in CLASS_FLAGS:
+            raise bad(name, "cannot be searched" + (": it is scheduler.max_t" if key == "max_epochs" else ""))
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise bad(name, f"expected one sampler, e.g. {{choice: [...]}} (samplers: {', '.join(SAMPLERS)})")
+        ((kind, value),) = spec.items()
+        if kind not in SAMPLERS:
+            raise bad(name, f"unknown sampler {kind!r} (known: {', '.join(SAMPLERS)})")
+        if kind in ("choice", "grid"):
+            if not isinstance(value, list) or not value:
+                raise bad(name, f"{kind} needs a non-empty list of values")
+            for item in value:
+                _check_value(actions, key, item, bad, name)
+        else:
+            _check_range(actions, key, kind, value, bad, name)
+    for key in overrides or {}:
+        config.space.pop(key, None)  # the command line wins over the config
+    return config
+
+
+def _check_value(actions: dict[str, argparse.Action], key: str, value: Any, bad: Any, name: str) -> None:
+    """Raise unless `value` is what run flag `key` accepts (its type, range and choices)."""
+    action = actions.get(key)
+    if action is None:
+        raise bad(name, f"unknown run flag {key!r} (see run_experiment.py --help)")
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise bad(name, f"expected true or false, got {value!r}")
+        return
+    if isinstance(value, (dict, list)) or value is None and action.default is not None:
+        raise bad(name, f"wrong type: {type(value).__name__} {value!r}")
+    if value is None:
+        return
+    flag_type = getattr(action.type, "__name__", "str")
+    if flag_type in INT_TYPES and not _is(value, int) or flag_type in FLOAT_TYPES and not _is(value, (int, float)):
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
+        raise bad(name, f"wrong type: {key} takes {flag_type.replace('_', ' ')} values, got {value!r}{hint}")
+    try:
+        converted = action.type(str(value)) if action.type else str(value)
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        raise bad(name, f"wrong type or value {value!r}: {error}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise bad(name, f"{value!r} is not one of {', '.join(map(str, action.choices))}")
+
+
+def _check_range(actions: dict[str, argparse.Action], key: str, kind: str, value: Any, bad: Any, name: str) -> None:
+    """Raise unless `value` is a [low, high] range of the right type for a uniform/loguniform/randint sampler."""
+    if not isinstance(value, list) or len(value) != 2:
+        raise bad(name, f"{kind} needs [low, high], got {value!r}")
+    low, high = value
+    number = int if kind == "randint" else (int, float)
+    if not (_is(low, number) and _is(high, number)):
+        raise bad(name, f"{kind} needs {'integer' if kind == 'randint' else 'numeric'} bounds, got {value!r}")
+    if not low < high:
+        raise bad(name, f"empty or inverted range [{low}, {high}]")
+    if kind == "loguniform" and low <= 0:
+        raise bad(name, f"loguniform needs low > 0, got {low}")
+    action = actions.get(key)
+    if action is not None and kind != "randint" and getattr(action.type, "__name__", "") in INT_TYPES:
+        raise bad(name, f"{key} takes integers: use randint or choice, not {kind}")
+    # randint's high is exclusive
+    for bound in (low, high - 1 if kind == "randint" else high):
+        _check_value(actions, key, bound, bad, name)

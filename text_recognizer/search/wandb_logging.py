@@ -1,0 +1,128 @@
+"""W&B for a search: one run per trial (logged from the driver), and one summary run with a table and the model.
+
+Logging from the driver, not inside trials, means a trial that ASHA stops, or whose worker dies, still
+ends as one finished W&B run, and runs land in the search's own folder on the driver's storage.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+# what a trial run's history holds, one row per epoch
+HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "diverged")
+
+
+def run_id(search_name: str, trial_id: str) -> str:
+    """A stable W&B run id for a trial: the search name and Tune's trial id."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{search_name}-{trial_id}")[:128]
+
+
+def _settings() -> Any:
+    import wandb
+
+    # no system-metrics sampling or code/git capture in the driver: it hosts many runs at once
+    return wandb.Settings(silent=True, x_disable_stats=True, x_disable_machine_info=True, disable_git=True,
+                          save_code=False, console="off")
+
+
+def init_run(**kwargs: Any) -> Any:
+    """wandb.init for one of several concurrent runs in this process."""
+    import wandb
+
+    return wandb.init(reinit="create_new", resume="allow", settings=_settings(), **kwargs)
+
+
+class WandbTrialCallback(tune.Callback):
+    """A Tune callback that mirrors every trial into a W&B run: config, per-epoch history, final summary."""
+
+    def __init__(self, search_dir: Path, search_name: str, project: str, mode: str, settings: dict[str, Any],
+                 max_t: int, metric: str, metric_mode: str) -> None:
+        self.search_dir, self.search_name, self.project, self.mode = Path(search_dir), search_name, project, mode
+        self.settings, self.max_t, self.metric, self.metric_mode = settings, max_t, metric, metric_mode
+        self.runs: dict[str, Any] = {}
+        self.logged_epoch: dict[str, int] = {}
+        self.best: dict[str, float] = {}
+        self.trial_starts: dict[str, float] = {}  # when each trial got its worker, for the start-up figure
+
+    def _run(self, trial: Any) -> Any:
+        if trial.trial_id not in self.runs:
+            self.runs[trial.trial_id] = init_run(
+                project=self.project, id=run_id(self.search_name, trial.trial_id), name=str(trial),
+                group=self.search_name, job_type="trial", dir=str(self.search_dir), mode=self.mode,
+                config={**trial.config, "search": self.settings, "trial_id": trial.trial_id},
+            )
+            self.logged_epoch.setdefault(trial.trial_id, 0)
+        return self.runs[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.trial_starts.setdefault(trial.trial_id, time.time())
+        self._run(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        epoch = result["training_iteration"]
+        if epoch <= self.logged_epoch.get(trial.trial_id, 0):
+            return  # a trial restored from an older checkpoint repeats epochs the run already has
+        run = self._run(trial)
+        run.log({key: result[key] for key in HISTORY_KEYS if key in result} | {"epoch": epoch}, step=epoch)
+        self.logged_epoch[trial.trial_id] = epoch
+        value = result.get(self.metric)
+        if value is not None and math.isfinite(value):
+            better = max if self.metric_mode == "max" else min
+            self.best[trial.trial_id] = better(value, self.best.get(trial.trial_id, value))
+
+    def _finish(self, trial: Any, status: str) -> None:
+        run = self.runs.pop(trial.trial_id, None)
+        if run is None:
+            return
+        epochs = self.logged_epoch.get(trial.trial_id, 0)
+        last = trial.last_result or {}
+        if last.get("diverged"):
+            status = "diverged"
+        elif status == "terminated":
+            status = "completed" if epochs >= self.max_t else "stopped_early"
+        run.summary.update({f"best_{self.metric}": self.best.get(trial.trial_id), "epochs_trained": epochs,
+                            "status": status, "stopped_by_asha": status == "stopped_early"})
+        run.finish(exit_code=1 if status == "error" else 0)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "terminated")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "error")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for trial in trials:  # e.g. Ctrl-C: the still-running trials' runs are finished, resumable later
+            if trial.trial_id in self.runs:
+                self._finish(trial, "interrupted")
+
+
+def log_summary_run(search_dir: Path, search_name: str, project: str, mode: str, summary: dict[str, Any]) -> str:
+    """One more run (job_type summary): a table of all trials and the best checkpoint as a model artifact."""
+    import wandb
+
+    run = init_run(project=project, id=run_id(search_name, "summary"), name=f"{search_name}-summary",
+                   group=search_name, job_type="summary", dir=str(search_dir), mode=mode,
+                   config={key: summary[key] for key in ("name", "settings", "space")})
+    rows = summary["trials"]
+    columns = sorted({key for row in rows for key in row["config"]})
+    metrics = ["status", "epochs", "val_acc", "val_loss", "best_val_acc", "train_loss", "train_acc"]
+    table = wandb.Table(columns=["trial_id", *columns, *metrics])
+    for row in rows:
+        table.add_data(row["trial_id"], *[row["config"].get(c) for c in columns], *[row.get(m) for m in metrics])
+    run.log({"trials": table})
+    best = summary.get("best")
+    if best and best.get("checkpoint"):
+        artifact = wandb.Artifact(f"{run_id(search_name, 'best')}-model", type="model",
+                                  metadata={key: best[key] for key in ("trial_id", "config", "metrics")})
+        artifact.add_file(best["checkpoint"], name="model.ckpt")
+        run.log_artifact(artifact)
+        run.summary.update({"best_trial_id": best["trial_id"], f"best_{summary['settings']['metric']}": best["value"]})
+    run.summary.update({"num_trials": summary["num_trials"], "total_epochs": summary["total_epochs"]})
+    run.finish()
+    return run.dir
