@@ -119,8 +119,14 @@ def default_wandb_mode() -> str:
 
 def run_args_to_argv(run_args: dict[str, Any]) -> list[str]:
     """The flags that reproduce `run_args` (only those that differ from the defaults)."""
-    defaults = vars(build_parser([f"--data_class={run_args.get('data_class', DATA_CLASS)}",
-                                   f"--model_class={run_args.get('model_class', MODEL_CLASS)}"]).parse_args([]))
+    defaults = vars(
+        build_parser(
+            [
+                f"--data_class={run_args.get('data_class', DATA_CLASS)}",
+                f"--model_class={run_args.get('model_class', MODEL_CLASS)}",
+            ]
+        ).parse_args([])
+    )
     argv = []
     for key, value in run_args.items():
         if key not in defaults or value == defaults[key] and key not in ("data_class", "model_class"):
@@ -184,10 +190,14 @@ def fit(
         log_dir = Path(args.log_dir)
         loggers = [CSVLogger(save_dir=log_dir, name=f"{args.data_class}_{args.model_class}")]
         if args.wandb:
-            loggers.append(WandbLogger(project=args.wandb_project, save_dir=log_dir, log_model=True,
-                                       mode=default_wandb_mode(), config=vars(args)))
-        checkpoint = ModelCheckpoint(monitor=MONITOR, mode="min", filename="epoch={epoch:03d}-val_loss={val_loss:.3f}",
-                                     auto_insert_metric_name=False)
+            loggers.append(
+                WandbLogger(
+                    project=args.wandb_project, save_dir=log_dir, log_model=True, mode=default_wandb_mode(), config=vars(args)
+                )
+            )
+        checkpoint = ModelCheckpoint(
+            monitor=MONITOR, mode="min", filename="epoch={epoch:03d}-val_loss={val_loss:.3f}", auto_insert_metric_name=False
+        )
         run_callbacks.append(checkpoint)
     kwargs: dict[str, Any] = dict(
         max_epochs=args.max_epochs,

@@ -135,5 +135,3 @@ class FashionMNIST(MNIST):
     @classmethod
     def place_local_copy(cls, raw: Path) -> bool:
         return copy_verified(cls.debian_dir, raw, cls.raw_md5)
-
-

@@ -41,5 +41,7 @@ class MLP(nn.Module):
     def add_to_argparse(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         parser.add_argument("--fc1", type=positive_int, default=FC1_DIM, help=f"first hidden layer width (default {FC1_DIM})")
         parser.add_argument("--fc2", type=positive_int, default=FC2_DIM, help=f"second hidden layer width (default {FC2_DIM})")
-        parser.add_argument("--dropout", type=probability, default=DROPOUT, help=f"dropout after each hidden layer (default {DROPOUT})")
+        parser.add_argument(
+            "--dropout", type=probability, default=DROPOUT, help=f"dropout after each hidden layer (default {DROPOUT})"
+        )
         return parser

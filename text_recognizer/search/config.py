@@ -17,8 +17,18 @@ DEFAULT_CONFIG = EXPERIMENTS_DIR / "mlp_asha.yaml"
 METRICS = {"val_acc": "max", "val_loss": "min", "train_acc": "max", "train_loss": "min"}
 SAMPLERS = ("choice", "uniform", "loguniform", "randint", "grid")
 # Flags the search itself controls: a trial's epochs are ASHA's max_t, its device is the one Ray gave it.
-NOT_SEARCHABLE = {"max_epochs", "gpus", "accelerator", "devices", "log_dir", "wandb", "wandb_project",
-                  "load_checkpoint", "fast_dev_run", "help"}
+NOT_SEARCHABLE = {
+    "max_epochs",
+    "gpus",
+    "accelerator",
+    "devices",
+    "log_dir",
+    "wandb",
+    "wandb_project",
+    "load_checkpoint",
+    "fast_dev_run",
+    "help",
+}
 CLASS_FLAGS = {"data_class", "model_class"}  # may be fixed, never sampled: they decide which flags exist
 
 
@@ -42,8 +52,13 @@ class SearchConfig:
         """The Tune param space: fixed run args, samplers for the searched ones, and max_epochs = max_t."""
         from ray import tune
 
-        samplers = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda v: tune.uniform(*v),
-                    "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+        samplers = {
+            "choice": tune.choice,
+            "grid": tune.grid_search,
+            "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(*v),
+        }
         space = {key: samplers[kind](value) for key, spec in self.space.items() for kind, value in spec.items()}
         return {**self.fixed, **space, "max_epochs": self.max_t}
 
@@ -55,8 +70,16 @@ class SearchConfig:
         return asdict(self)
 
 
-TOP_LEVEL = {"metric": str, "mode": str, "num_samples": int, "seed": int, "fixed": dict, "space": dict,
-             "description": str, "scheduler": dict}
+TOP_LEVEL = {
+    "metric": str,
+    "mode": str,
+    "num_samples": int,
+    "seed": int,
+    "fixed": dict,
+    "space": dict,
+    "description": str,
+    "scheduler": dict,
+}
 INT_TYPES = ("int", "positive_int")
 FLOAT_TYPES = ("float", "positive_float", "probability")
 SCHEDULER = {"max_t": int, "grace_period": int, "reduction_factor": (int, float)}
@@ -115,11 +138,13 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
         raise bad("space", "the search space is empty")
 
     fixed = {**config.fixed, **(overrides or {})}
-    for key, value in fixed.items():
+    for key in fixed:
         if key in NOT_SEARCHABLE:
             raise bad(f"fixed.{key}", "is set by the search itself" + (" (scheduler.max_t)" if key == "max_epochs" else ""))
-    parser = build_parser([f"--data_class={fixed.get('data_class', DATA_CLASS)}",
-                           f"--model_class={fixed.get('model_class', MODEL_CLASS)}"], prog=str(path))
+    parser = build_parser(
+        [f"--data_class={fixed.get('data_class', DATA_CLASS)}", f"--model_class={fixed.get('model_class', MODEL_CLASS)}"],
+        prog=str(path),
+    )
     actions = {action.dest: action for action in parser._actions}
     for key, value in fixed.items():
         _check_value(actions, key, value, bad, f"fixed.{key}")

@@ -40,19 +40,52 @@ def build_search_parser() -> Parser:
     )
     add = parser.add_argument
     add("--num-samples", type=int, default=None, help="trials to sample (default: the config's num_samples)")
-    add("--config", type=Path, default=None, help=f"search config YAML (default {DEFAULT_CONFIG.relative_to(Path.cwd()) if DEFAULT_CONFIG.is_relative_to(Path.cwd()) else DEFAULT_CONFIG})")
-    add("--name", default=None, help="search name: its folder under --storage-path and its W&B group (default: config name + time)")
-    add("--storage-path", type=Path, default=STORAGE_PATH, help=f"folder for searches; shared storage on a cluster (default {STORAGE_PATH})")
-    add("--cpus-per-trial", type=float, default=None, help="CPUs per trial, also its torch threads (default 1, or CPUs/(GPUs*4) with GPUs)")
-    add("--gpus-per-trial", type=float, default=None, help=f"GPUs per trial; fractions pack trials on a GPU (default 1/{TRIALS_PER_GPU} with GPUs, else 0)")
+    add(
+        "--config",
+        type=Path,
+        default=None,
+        help="search config YAML (default experiments/mlp_asha.yaml)",
+    )
+    add(
+        "--name",
+        default=None,
+        help="search name: its folder under --storage-path and its W&B group (default: config name + time)",
+    )
+    add(
+        "--storage-path",
+        type=Path,
+        default=STORAGE_PATH,
+        help=f"folder for searches; shared storage on a cluster (default {STORAGE_PATH})",
+    )
+    add(
+        "--cpus-per-trial",
+        type=float,
+        default=None,
+        help="CPUs per trial, also its torch threads (default 1, or CPUs/(GPUs*4) with GPUs)",
+    )
+    add(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help=f"GPUs per trial; fractions pack trials on a GPU (default 1/{TRIALS_PER_GPU} with GPUs, else 0)",
+    )
     add("--max-concurrent", type=int, default=None, help="most trials running at once (default: as many as resources allow)")
-    add("--max-failures", type=int, default=MAX_FAILURES, help=f"retries of a failed trial from its checkpoint (default {MAX_FAILURES})")
+    add(
+        "--max-failures",
+        type=int,
+        default=MAX_FAILURES,
+        help=f"retries of a failed trial from its checkpoint (default {MAX_FAILURES})",
+    )
     add("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
     add("--resume", action="store_true", help="continue the search --name after a crash or Ctrl-C")
     add("--overwrite", action="store_true", help="delete an existing search of the same --name and start over")
     add("--wandb-project", default=WANDB_PROJECT, help=f"W&B project (default {WANDB_PROJECT})")
-    add("--wandb-mode", choices=("online", "offline", "disabled"), default=None,
-        help="default: online with W&B credentials, else offline (runs land in the search folder)")
+    add(
+        "--wandb-mode",
+        choices=("online", "offline", "disabled"),
+        default=None,
+        help="default: online with W&B credentials, else offline (runs land in the search folder)",
+    )
     add("--smoke-test", action="store_true", help="a seconds-long search: 4 samples, 2 epochs, 5 batches each")
     add("--top", type=int, default=5, help="trials shown in the final table (default 5)")
     add("--quiet", action="store_true", help="no Tune progress tables")
@@ -127,8 +160,10 @@ def prepare(argv: Sequence[str] | None) -> tuple[argparse.Namespace, SearchConfi
     search_dir = storage / args.name
     if search_dir.exists():
         if not args.overwrite:
-            raise UserError(f"a search named {args.name!r} exists in {storage}: continue it with --resume, "
-                            "pick another --name, or start over with --overwrite")
+            raise UserError(
+                f"a search named {args.name!r} exists in {storage}: continue it with --resume, "
+                "pick another --name, or start over with --overwrite"
+            )
         shutil.rmtree(search_dir)
     args.wandb_mode = args.wandb_mode or default_wandb_mode()
     return args, config, search_dir
@@ -144,8 +179,13 @@ def start_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     # Ray's token authentication stays as the cluster has it: we never pass anything that turns it off.
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-             logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    ray.init(
+        address=address or os.environ.get("RAY_ADDRESS"),
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        configure_logging=True,
+    )
     return True
 
 
@@ -163,8 +203,10 @@ def trial_resources(args: argparse.Namespace) -> tuple[float, float]:
     if not any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes):
         most_cpus = max(node.get("CPU", 0) for node in nodes)
         most_gpus = max(node.get("GPU", 0) for node in nodes)
-        raise UserError(f"a trial asks for {cpus:g} CPUs and {gpus:g} GPUs, but the largest node of the cluster "
-                        f"has {most_cpus:g} CPUs and {most_gpus:g} GPUs: lower --cpus-per-trial/--gpus-per-trial")
+        raise UserError(
+            f"a trial asks for {cpus:g} CPUs and {gpus:g} GPUs, but the largest node of the cluster "
+            f"has {most_cpus:g} CPUs and {most_gpus:g} GPUs: lower --cpus-per-trial/--gpus-per-trial"
+        )
     return cpus, gpus
 
 
@@ -190,8 +232,12 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cpus, gpus = trial_resources(args)
         search_dir.mkdir(parents=True, exist_ok=True)
         previous = json.loads((search_dir / SEARCH_FILE).read_text()) if args.resume else {}
-        record = {"config": config.to_dict(), "wandb_mode": args.wandb_mode, "wandb_project": args.wandb_project,
-                  "wall_seconds": previous.get("wall_seconds", 0.0)}
+        record = {
+            "config": config.to_dict(),
+            "wandb_mode": args.wandb_mode,
+            "wandb_project": args.wandb_project,
+            "wall_seconds": previous.get("wall_seconds", 0.0),
+        }
         (search_dir / SEARCH_FILE).write_text(json.dumps(record, indent=2))
 
         # the dataset goes into the object store once; trials on a node share it, zero-copy
@@ -199,15 +245,24 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # no TensorBoard files per trial
         # a snapshot per checkpoint is what makes --resume lose nothing; don't warn about its cost
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        wandb_callback = WandbTrialCallback(search_dir, args.name, args.wandb_project, args.wandb_mode,
-                                            config.settings(), config.max_t, config.metric, config.mode)
+        wandb_callback = WandbTrialCallback(
+            search_dir,
+            args.name,
+            args.wandb_project,
+            args.wandb_mode,
+            config.settings(),
+            config.max_t,
+            config.metric,
+            config.mode,
+        )
         callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), wandb_callback]
         run_config = tune.RunConfig(
             name=args.name,
             storage_path=str(search_dir.parent),
             callbacks=callbacks,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=config.metric,
-                                                    checkpoint_score_order=config.mode),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=config.metric, checkpoint_score_order=config.mode
+            ),
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
             verbose=0 if args.quiet else 1,
         )
@@ -222,8 +277,12 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     metric=config.metric,
                     mode=config.mode,
                     num_samples=config.num_samples,
-                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=config.max_t,
-                                            grace_period=config.grace_period, reduction_factor=config.reduction_factor),
+                    scheduler=ASHAScheduler(
+                        time_attr="training_iteration",
+                        max_t=config.max_t,
+                        grace_period=config.grace_period,
+                        reduction_factor=config.reduction_factor,
+                    ),
                     search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=args.max_concurrent or 0),
                     reuse_actors=True,  # torch and Lightning are imported once per worker, not once per trial
                     trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
@@ -234,8 +293,15 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tuner.fit()
         record["wall_seconds"] += time.time() - began
         (search_dir / SEARCH_FILE).write_text(json.dumps(record, indent=2))
-        summary = write_results(search_dir, args.name, config, record["wall_seconds"], args.wandb_mode,
-                                args.wandb_project, wandb_callback.trial_starts)
+        summary = write_results(
+            search_dir,
+            args.name,
+            config,
+            record["wall_seconds"],
+            args.wandb_mode,
+            args.wandb_project,
+            wandb_callback.trial_starts,
+        )
     finally:
         if started_ray:
             ray.shutdown()

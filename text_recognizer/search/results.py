@@ -70,14 +70,27 @@ def collect(search_dir: Path, config: SearchConfig, trial_starts: dict[str, floa
             path = str(Path(checkpoint.path) / CHECKPOINT_NAME)
             epoch = torch.load(path, map_location="cpu", weights_only=True)["epoch"] + 1
             at_epoch = frame[frame["training_iteration"] == epoch].iloc[-1]
-            best = {"trial_id": trial.trial_id, "metric": config.metric, "value": value, "epoch": epoch,
-                    "config": row["config"], "checkpoint": path,
-                    "metrics": {key: _finite(at_epoch.get(key)) for key in FINAL_METRICS}}
+            best = {
+                "trial_id": trial.trial_id,
+                "metric": config.metric,
+                "value": value,
+                "epoch": epoch,
+                "config": row["config"],
+                "checkpoint": path,
+                "metrics": {key: _finite(at_epoch.get(key)) for key in FINAL_METRICS},
+            }
     return rows, best
 
 
-def write_results(search_dir: Path, name: str, config: SearchConfig, wall_seconds: float, wandb_mode: str,
-                  wandb_project: str, trial_starts: dict[str, float]) -> dict[str, Any]:
+def write_results(
+    search_dir: Path,
+    name: str,
+    config: SearchConfig,
+    wall_seconds: float,
+    wandb_mode: str,
+    wandb_project: str,
+    trial_starts: dict[str, float],
+) -> dict[str, Any]:
     """Write summary.json and trials.csv into the search folder, log the W&B summary run; return the summary."""
     from text_recognizer.search.driver import replay_command
     from text_recognizer.search.wandb_logging import log_summary_run
@@ -120,11 +133,17 @@ def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdou
     """The ranked table of the best trials, the replay command and the W&B sync command."""
     settings = summary["settings"]
     key = f"best_{settings['metric']}"
-    ranked = sorted((row for row in summary["trials"] if row[key] is not None and row["status"] != "diverged"),
-                    key=lambda row: row[key], reverse=settings["mode"] == "max")
+    ranked = sorted(
+        (row for row in summary["trials"] if row[key] is not None and row["status"] != "diverged"),
+        key=lambda row: row[key],
+        reverse=settings["mode"] == "max",
+    )
     searched = list(summary["space"])
-    print(f"\nSearch {summary['name']}: {summary['num_trials']} trials {summary['statuses']}, "
-          f"{summary['total_epochs']} epochs, {summary['wall_seconds']:.0f} s  ->  {summary['search_dir']}", file=file)
+    print(
+        f"\nSearch {summary['name']}: {summary['num_trials']} trials {summary['statuses']}, "
+        f"{summary['total_epochs']} epochs, {summary['wall_seconds']:.0f} s  ->  {summary['search_dir']}",
+        file=file,
+    )
     header = f"{'rank':>4}  {'trial':<14}{key:>14}{'epochs':>8}  {'status':<14}" + "".join(f"{k:>12}" for k in searched)
     print(header, file=file)
     for rank, row in enumerate(ranked[:top], 1):
@@ -132,8 +151,11 @@ def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdou
         print(f"{rank:>4}  {row['trial_id']:<14}{row[key]:>14.4f}{row['epochs']:>8}  {row['status']:<14}{values}", file=file)
     best = summary["best"]
     if best:
-        print(f"\nBest trial {best['trial_id']}: {best['metric']}={best['value']:.4f} at epoch {best['epoch']}, "
-              f"checkpoint {best['checkpoint']}", file=file)
+        print(
+            f"\nBest trial {best['trial_id']}: {best['metric']}={best['value']:.4f} at epoch {best['epoch']}, "
+            f"checkpoint {best['checkpoint']}",
+            file=file,
+        )
         print(f"Replay it:\n  {best['replay']}", file=file)
     else:
         print("\nNo trial produced a finite metric.", file=file)

@@ -27,8 +27,9 @@ def _settings() -> Any:
     import wandb
 
     # no system-metrics sampling or code/git capture in the driver: it hosts many runs at once
-    return wandb.Settings(silent=True, x_disable_stats=True, x_disable_machine_info=True, disable_git=True,
-                          save_code=False, console="off")
+    return wandb.Settings(
+        silent=True, x_disable_stats=True, x_disable_machine_info=True, disable_git=True, save_code=False, console="off"
+    )
 
 
 def init_run(**kwargs: Any) -> Any:
@@ -41,8 +42,17 @@ def init_run(**kwargs: Any) -> Any:
 class WandbTrialCallback(tune.Callback):
     """A Tune callback that mirrors every trial into a W&B run: config, per-epoch history, final summary."""
 
-    def __init__(self, search_dir: Path, search_name: str, project: str, mode: str, settings: dict[str, Any],
-                 max_t: int, metric: str, metric_mode: str) -> None:
+    def __init__(
+        self,
+        search_dir: Path,
+        search_name: str,
+        project: str,
+        mode: str,
+        settings: dict[str, Any],
+        max_t: int,
+        metric: str,
+        metric_mode: str,
+    ) -> None:
         self.search_dir, self.search_name, self.project, self.mode = Path(search_dir), search_name, project, mode
         self.settings, self.max_t, self.metric, self.metric_mode = settings, max_t, metric, metric_mode
         self.runs: dict[str, Any] = {}
@@ -53,8 +63,13 @@ class WandbTrialCallback(tune.Callback):
     def _run(self, trial: Any) -> Any:
         if trial.trial_id not in self.runs:
             self.runs[trial.trial_id] = init_run(
-                project=self.project, id=run_id(self.search_name, trial.trial_id), name=str(trial),
-                group=self.search_name, job_type="trial", dir=str(self.search_dir), mode=self.mode,
+                project=self.project,
+                id=run_id(self.search_name, trial.trial_id),
+                name=str(trial),
+                group=self.search_name,
+                job_type="trial",
+                dir=str(self.search_dir),
+                mode=self.mode,
                 config={**trial.config, "search": self.settings, "trial_id": trial.trial_id},
             )
             self.logged_epoch.setdefault(trial.trial_id, 0)
@@ -86,8 +101,14 @@ class WandbTrialCallback(tune.Callback):
             status = "diverged"
         elif status == "terminated":
             status = "completed" if epochs >= self.max_t else "stopped_early"
-        run.summary.update({f"best_{self.metric}": self.best.get(trial.trial_id), "epochs_trained": epochs,
-                            "status": status, "stopped_by_asha": status == "stopped_early"})
+        run.summary.update(
+            {
+                f"best_{self.metric}": self.best.get(trial.trial_id),
+                "epochs_trained": epochs,
+                "status": status,
+                "stopped_by_asha": status == "stopped_early",
+            }
+        )
         run.finish(exit_code=1 if status == "error" else 0)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -106,9 +127,16 @@ def log_summary_run(search_dir: Path, search_name: str, project: str, mode: str,
     """One more run (job_type summary): a table of all trials and the best checkpoint as a model artifact."""
     import wandb
 
-    run = init_run(project=project, id=run_id(search_name, "summary"), name=f"{search_name}-summary",
-                   group=search_name, job_type="summary", dir=str(search_dir), mode=mode,
-                   config={key: summary[key] for key in ("name", "settings", "space")})
+    run = init_run(
+        project=project,
+        id=run_id(search_name, "summary"),
+        name=f"{search_name}-summary",
+        group=search_name,
+        job_type="summary",
+        dir=str(search_dir),
+        mode=mode,
+        config={key: summary[key] for key in ("name", "settings", "space")},
+    )
     rows = summary["trials"]
     columns = sorted({key for row in rows for key in row["config"]})
     metrics = ["status", "epochs", "val_acc", "val_loss", "best_val_acc", "train_loss", "train_acc"]
@@ -118,8 +146,11 @@ def log_summary_run(search_dir: Path, search_name: str, project: str, mode: str,
     run.log({"trials": table})
     best = summary.get("best")
     if best and best.get("checkpoint"):
-        artifact = wandb.Artifact(f"{run_id(search_name, 'best')}-model", type="model",
-                                  metadata={key: best[key] for key in ("trial_id", "config", "metrics")})
+        artifact = wandb.Artifact(
+            f"{run_id(search_name, 'best')}-model",
+            type="model",
+            metadata={key: best[key] for key in ("trial_id", "config", "metrics")},
+        )
         artifact.add_file(best["checkpoint"], name="model.ckpt")
         run.log_artifact(artifact)
         run.summary.update({"best_trial_id": best["trial_id"], f"best_{summary['settings']['metric']}": best["value"]})
