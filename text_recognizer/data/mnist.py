@@ -12,13 +12,13 @@ import torchvision
 from text_recognizer.data.base_data_module import Arrays, BaseDataModule
 from text_recognizer.util import UserError
 
-TRAIN_SIZE = 55_000  # the rest of the official 60,000 training images is the validation set
+TRAIN_FRACTION = 55 / 60  # 55,000 of the official 60,000 training images; the rest is the validation set
 SPLIT_SEED = 42
-IDX_FILES = {  # raw file -> (IDX magic number, number of items)
-    "train-images-idx3-ubyte": (2051, 60_000),
-    "train-labels-idx1-ubyte": (2049, 60_000),
-    "t10k-images-idx3-ubyte": (2051, 10_000),
-    "t10k-labels-idx1-ubyte": (2049, 10_000),
+IDX_FILES = {  # raw file -> IDX magic number (images 2051, labels 2049)
+    "train-images-idx3-ubyte": 2051,
+    "train-labels-idx1-ubyte": 2049,
+    "t10k-images-idx3-ubyte": 2051,
+    "t10k-labels-idx1-ubyte": 2049,
 }
 
 
@@ -27,19 +27,20 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def check_idx(path: Path, magic: int, count: int) -> None:
-    """Raise UserError unless `path` is a complete IDX file with the expected magic number and item count."""
+def check_idx(path: Path, magic: int) -> int:
+    """Raise UserError unless `path` is a complete IDX file with the expected magic number; return its item count."""
     if not path.is_file():
         raise UserError(f"missing data file {path}")
     header = np.fromfile(path, dtype=">i4", count=4)
     dims = 3 if magic == 2051 else 1
-    if len(header) < 1 + dims or header[0] != magic or header[1] != count:
-        raise UserError(f"corrupt data file {path}: not an IDX file of {count} items; delete it and run again")
+    if len(header) < 1 + dims or header[0] != magic:
+        raise UserError(f"corrupt data file {path}: not an IDX file (magic {magic}); delete it and run again")
     expected = 4 * (1 + dims) + int(np.prod(header[1 : 1 + dims]))
     if path.stat().st_size != expected:
         raise UserError(
             f"corrupt data file {path}: {path.stat().st_size} bytes, expected {expected} (truncated?); delete it and run again"
         )
+    return int(header[1])
 
 
 class MNIST(BaseDataModule):
@@ -76,10 +77,14 @@ class MNIST(BaseDataModule):
                     f"cannot get {cls.__name__}: download failed ({type(error).__name__}) and the files {names} "
                     f"are not in {raw}; place them there (or their .gz) and run again"
                 ) from None
-        for name, (magic, count) in IDX_FILES.items():
-            check_idx(raw / name, magic, count)
+        counts = {}
+        for name, magic in IDX_FILES.items():
+            counts[name] = check_idx(raw / name, magic)
             if name in cls.raw_md5 and md5(raw / name) != cls.raw_md5[name]:
                 raise UserError(f"corrupt data file {raw / name}: checksum mismatch; delete it and run again")
+        for split in ("train", "t10k"):
+            if counts[f"{split}-images-idx3-ubyte"] != counts[f"{split}-labels-idx1-ubyte"]:
+                raise UserError(f"corrupt data files in {raw}: {split} images and labels differ in number")
         return raw
 
     @classmethod
@@ -93,8 +98,9 @@ class MNIST(BaseDataModule):
             y = dataset.targets.long()
             if train:
                 order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
-                arrays["x_train"], arrays["y_train"] = x[order[:TRAIN_SIZE]], y[order[:TRAIN_SIZE]]
-                arrays["x_val"], arrays["y_val"] = x[order[TRAIN_SIZE:]], y[order[TRAIN_SIZE:]]
+                size = round(len(x) * TRAIN_FRACTION)
+                arrays["x_train"], arrays["y_train"] = x[order[:size]], y[order[:size]]
+                arrays["x_val"], arrays["y_val"] = x[order[size:]], y[order[size:]]
             else:
                 arrays["x_test"], arrays["y_test"] = x, y
         return {key: value.contiguous().numpy() for key, value in arrays.items()}
