@@ -55,6 +55,7 @@ def collect(search_dir: Path, config: SearchConfig, trial_starts: dict[str, floa
             f"best_{config.metric}": better(history) if history else None,
             "startup_seconds": None,
             "gpu_ids": last.get("gpu_ids"),
+            "cuda_visible_devices": last.get("cuda_visible_devices"),
             "error": str(trial.error_file) if trial.status == "ERROR" else None,
         }
         if trial.trial_id in trial_starts and len(frame) and "first_step_at" in frame:

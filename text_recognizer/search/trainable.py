@@ -56,6 +56,7 @@ class TuneReportCallback(EpochTimer):
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             torch_threads=torch.get_num_threads(),
             pid=os.getpid(),
+            reported_at=time.time(),
         )
         with tempfile.TemporaryDirectory(prefix="trial-ckpt-") as directory:
             trainer.save_checkpoint(os.path.join(directory, CHECKPOINT_NAME))

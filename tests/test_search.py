@@ -1,0 +1,197 @@
+"""End-to-end searches on a real local Ray cluster, with real W&B offline files read back."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from text_recognizer.data import FashionMNIST
+from text_recognizer.search.wandb_files import offline_runs
+from text_recognizer.training import fit, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SEARCH_YAML = """
+metric: val_acc
+mode: max
+seed: 3
+scheduler: {max_t: 4, grace_period: 1, reduction_factor: 2}
+fixed: {data_class: FashionMNIST, limit_train_batches: 8}
+space:
+  fc1: {choice: [16, 64]}
+  fc2: {choice: [8, 32]}
+  lr: {loguniform: [1.0e-4, 3.0e-2]}
+  optimizer: {choice: [Adam, SGD]}
+"""
+
+
+def run_search_process(args: list[str], prelude: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run tune_mlp in a fresh Python process (its own Ray cluster), after `prelude` (e.g. a ray.init)."""
+    code = f"import sys\n{prelude}\nfrom text_recognizer.cli import tune_mlp\ntune_mlp(sys.argv[1:])\n"
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> tuple[Path, dict, str]:
+    """A 6-trial ASHA search on real Fashion-MNIST (8 batches per epoch), run once for this module."""
+    tmp = tmp_path_factory.mktemp("search")
+    config = tmp / "search.yaml"
+    config.write_text(SEARCH_YAML)
+    # one trial at a time makes ASHA's decisions independent of timing: later trials meet full rungs
+    args = [
+        "--config",
+        str(config),
+        "--num-samples",
+        "6",
+        "--storage-path",
+        str(tmp),
+        "--name",
+        "e2e",
+        "--max-concurrent",
+        "1",
+        f"--data_dir={fashion_dir}",
+        "--wandb-mode",
+        "offline",
+        "--quiet",
+    ]
+    result = run_search_process(args)
+    return tmp / "e2e", json.loads((tmp / "e2e" / "summary.json").read_text()), result.stdout
+
+
+def test_summary_lists_every_trial_and_asha_stopped_some(search: tuple[Path, dict, str]) -> None:
+    search_dir, summary, _ = search
+    assert summary["num_trials"] == 6 and len(summary["trials"]) == 6
+    assert sum(summary["statuses"].values()) == 6
+    epochs = [row["epochs"] for row in summary["trials"]]
+    assert summary["total_epochs"] == sum(epochs)
+    assert summary["statuses"].get("stopped_early", 0) >= 1, summary["statuses"]
+    assert min(epochs) < 4 and max(epochs) == 4
+    for row in summary["trials"]:
+        assert row["status"] == ("completed" if row["epochs"] == 4 else "stopped_early")
+        assert row["config"]["max_epochs"] == 4 and row["config"]["data_class"] == "FashionMNIST"
+    best = summary["best"]
+    ranked = max(summary["trials"], key=lambda row: row["best_val_acc"])
+    assert best["trial_id"] == ranked["trial_id"] and best["value"] == pytest.approx(ranked["best_val_acc"])
+    assert summary["wall_seconds"] > 0 and summary["startup_seconds_median"] is not None
+    csv = pd.read_csv(search_dir / "trials.csv")
+    assert len(csv) == 6 and set(csv["trial_id"]) == {row["trial_id"] for row in summary["trials"]}
+
+
+def test_each_trial_reported_every_epoch_with_its_threads(search: tuple[Path, dict, str]) -> None:
+    search_dir, summary, _ = search
+    for row in summary["trials"]:
+        lines = (search_dir / f"trial_{row['trial_id']}" / "result.json").read_text().splitlines()
+        results = [json.loads(line) for line in lines]
+        assert [r["training_iteration"] for r in results] == list(range(1, row["epochs"] + 1))
+        assert [r["epoch"] for r in results] == list(range(1, row["epochs"] + 1))
+        assert all({"val_loss", "val_acc", "train_loss", "train_acc"} <= set(r) for r in results)
+        assert all(r["torch_threads"] == 1 for r in results)  # 1 CPU per trial -> 1 torch thread
+
+
+def test_wandb_offline_runs_read_back(search: tuple[Path, dict, str]) -> None:
+    search_dir, summary, _ = search
+    runs = {run.id: run for run in offline_runs(search_dir)}
+    trials = {row["trial_id"]: row for row in summary["trials"]}
+    assert set(runs) == {f"e2e-{trial_id}" for trial_id in trials} | {"e2e-summary"}
+    for trial_id, row in trials.items():
+        run = runs[f"e2e-{trial_id}"]
+        assert run.group == "e2e" and run.job_type == "trial" and run.name == f"trial_{trial_id}"
+        assert [h["epoch"] for h in run.history] == list(range(1, row["epochs"] + 1))
+        assert run.config["fc1"] == row["config"]["fc1"] and run.config["search"]["metric"] == "val_acc"
+        assert run.summary["epochs_trained"] == row["epochs"]
+        assert run.summary["stopped_by_asha"] == (row["status"] == "stopped_early")
+        assert run.summary["best_val_acc"] == pytest.approx(row["best_val_acc"])
+        assert run.exit_code == 0
+    summary_run = runs["e2e-summary"]
+    assert summary_run.job_type == "summary" and summary_run.summary["num_trials"] == 6
+    assert summary_run.history[0]["trials/nrows"] == 6
+    assert any(name.endswith("best-model") for name in summary_run.artifacts)
+
+
+def test_best_checkpoint_gives_the_reported_val_acc(search: tuple[Path, dict, str], fashion_dir: Path) -> None:
+    _, summary, _ = search
+    best = summary["best"]
+    checkpoint = torch.load(best["checkpoint"], map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] + 1 == best["epoch"]
+    args = parse_args([*shlex.split(best["replay"])[2:], f"--data_dir={fashion_dir}"])
+    from text_recognizer.lit_models import BaseLitModel
+    from text_recognizer.models import MLP
+
+    data = FashionMNIST(args)
+    data.setup()
+    lit = BaseLitModel(MLP(data.config(), args), args)
+    lit.load_state_dict(checkpoint["state_dict"])
+    lit.eval()
+    with torch.no_grad():
+        predictions = torch.cat([lit(x).argmax(1) for x, _ in data.val_dataloader()])
+    accuracy = (predictions == data.tensors["y_val"]).float().mean().item()
+    assert accuracy == pytest.approx(best["metrics"]["val_acc"], abs=1e-6)
+    assert best["value"] == pytest.approx(best["metrics"]["val_acc"])
+
+
+def test_printed_report_and_replay_command_runs(search: tuple[Path, dict, str], fashion_dir: Path, tmp_path: Path) -> None:
+    _, summary, stdout = search
+    best = summary["best"]
+    assert f"Best trial {best['trial_id']}" in stdout and best["replay"] in stdout
+    assert "wandb sync" in stdout
+    replay = shlex.split(best["replay"])
+    assert replay[:2] == ["python", "training/run_experiment.py"]
+    result = subprocess.run(
+        [sys.executable, *replay[1:], f"--data_dir={fashion_dir}", f"--log_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "test_acc=" in result.stdout
+    # the replayed run trains the same config for the same epochs as the trial
+    replay_val = fit(parse_args([*replay[2:], f"--data_dir={fashion_dir}", f"--log_dir={tmp_path}"]))["val_acc"]
+    assert replay_val == pytest.approx(best["metrics"]["val_acc"], abs=0.02)
+
+
+def test_gpu_packing_with_gpus_declared_to_ray(tmp_path: Path, fashion_dir: Path) -> None:
+    """Two GPUs declared to Ray on this CPU machine, half a GPU per trial: four trials run at once, two per GPU."""
+    config = tmp_path / "gpu.yaml"
+    config.write_text(SEARCH_YAML.replace("limit_train_batches: 8", "limit_train_batches: 30"))
+    args = [
+        "--config",
+        str(config),
+        "--num-samples",
+        "4",
+        "--storage-path",
+        str(tmp_path),
+        "--name",
+        "gpus",
+        "--gpus-per-trial",
+        "0.5",
+        "--cpus-per-trial",
+        "1",
+        f"--data_dir={fashion_dir}",
+        "--wandb-mode",
+        "disabled",
+        "--quiet",
+    ]
+    prelude = "import ray; ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)"
+    run_search_process(args, prelude)
+    summary = json.loads((tmp_path / "gpus" / "summary.json").read_text())
+    spans, gpus = [], {}
+    for row in summary["trials"]:
+        results = [json.loads(line) for line in (tmp_path / "gpus" / f"trial_{row['trial_id']}" / "result.json").open()]
+        spans.append((results[0]["trial_started_at"], results[-1]["reported_at"]))
+        ids = {r["gpu_ids"] for r in results}
+        assert len(ids) == 1 and ids <= {"0", "1"}  # one GPU per trial, the same for its whole life
+        assert {r["cuda_visible_devices"] for r in results} == ids  # Ray pointed CUDA at it
+        gpus[row["trial_id"]] = ids.pop()
+    most_at_once = max(sum(start <= t <= end for start, end in spans) for t, _ in spans)
+    assert most_at_once == 4
+    assert sorted(gpus.values()) == ["0", "0", "1", "1"]
