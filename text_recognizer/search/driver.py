@@ -17,7 +17,7 @@ from typing import Any
 
 from text_recognizer.data import DATA_CLASSES
 from text_recognizer.search.config import DEFAULT_CONFIG, SearchConfig, load_config
-from text_recognizer.search.results import print_report, write_results
+from text_recognizer.search.results import TrialClock, print_report, write_results
 from text_recognizer.training import DATA_CLASS, build_parser, default_wandb_mode
 from text_recognizer.util import Parser, UserError
 
@@ -255,7 +255,8 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
             config.metric,
             config.mode,
         )
-        callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), wandb_callback]
+        clock = TrialClock()
+        callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), clock, wandb_callback]
         run_config = tune.RunConfig(
             name=args.name,
             storage_path=str(search_dir.parent),
@@ -300,7 +301,7 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
             record["wall_seconds"],
             args.wandb_mode,
             args.wandb_project,
-            wandb_callback.trial_starts,
+            clock.ready,
         )
     finally:
         if started_ray:

@@ -6,16 +6,45 @@ import json
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
 import pandas as pd
 import torch
+from ray.tune import Callback
 
 from text_recognizer.search.config import SearchConfig
 from text_recognizer.search.trainable import CHECKPOINT_NAME
 
 FINAL_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
+
+
+class TrialClock(Callback):
+    """When each trial could have started: it was queued and a slot was free (search start or a trial ending).
+
+    Tune's on_trial_start fires only once the trial's worker is up and has imported everything, so it
+    would hide the start-up cost; a trial's start-up is measured from here to its first training step.
+    """
+
+    def __init__(self) -> None:
+        self.added: dict[str, float] = {}
+        self.slot_freed: list[float] = []
+        self.ready: dict[str, float] = {}
+
+    def on_trial_add(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.added.setdefault(trial.trial_id, time.time())
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        now, added = time.time(), self.added.get(trial.trial_id, time.time())
+        # the slot this trial took was freed by the latest trial ending before it started, if after it was queued
+        freed = [t for t in self.slot_freed if added <= t <= now]
+        self.ready.setdefault(trial.trial_id, max([added, *freed[-1:]]))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.slot_freed.append(time.time())
+
+    on_trial_error = on_trial_complete
 
 
 def _finite(value: Any) -> float | None:

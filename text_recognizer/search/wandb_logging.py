@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,6 @@ class WandbTrialCallback(tune.Callback):
         self.runs: dict[str, Any] = {}
         self.logged_epoch: dict[str, int] = {}
         self.best: dict[str, float] = {}
-        self.trial_starts: dict[str, float] = {}  # when each trial got its worker, for the start-up figure
 
     def _run(self, trial: Any) -> Any:
         if trial.trial_id not in self.runs:
@@ -76,7 +74,6 @@ class WandbTrialCallback(tune.Callback):
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.trial_starts.setdefault(trial.trial_id, time.time())
         self._run(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:

@@ -1,0 +1,32 @@
+# Set-up and the commands the README names. `make search` and `make test` each install first.
+PYTHON ?= python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install search smoke test test-slow lint bench bench-full
+
+install:
+	@command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ] && \
+		$(SUDO) apt-get install -y -qq dataset-fashion-mnist || true
+	$(PYTHON) -m pip install -q -e ".[dev]"
+
+search: install  ## the main job: a 50-trial ASHA search of the MLP on Fashion-MNIST
+	$(PYTHON) search/tune_mlp.py --config experiments/fashion_mlp_asha.yaml --num-samples 50
+
+smoke: install
+	$(PYTHON) search/tune_mlp.py --smoke-test --data_class=FashionMNIST
+
+lint:
+	ruff check .
+	ruff format --check .
+
+test: install lint  ## the default test run (minutes); CI runs it, then test-slow
+	$(PYTHON) -m pytest
+
+test-slow: install
+	$(PYTHON) -m pytest -m slow
+
+bench: install  ## quick benchmark (minutes): prints figures and ratios, writes benchmarks/results/
+	$(PYTHON) benchmarks/run.py --quick
+
+bench-full: install  ## the full benchmark: 50-sample searches, ours and the textbook recipe
+	$(PYTHON) benchmarks/run.py --full

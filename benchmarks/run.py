@@ -1,0 +1,295 @@
+"""Benchmarks of the search against a plain PyTorch loop and the textbook Tune + Lightning recipe.
+
+    python benchmarks/run.py --quick     # minutes: 8-sample searches of 3 epochs
+    python benchmarks/run.py --full      # the 50-sample search of experiments/fashion_mlp_asha.yaml
+
+Every figure is measured in this one run, side by side, on Fashion-MNIST, on the same Ray cluster
+(1 CPU per trial). Prints a table of figures with the baseline beside each and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from text_recognizer.data import FashionMNIST  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+FASHION_CONFIG = HERE.parent / "experiments" / "fashion_mlp_asha.yaml"
+DEFAULT_RUN = {"fc1": 1024, "fc2": 128, "dropout": 0.5, "lr": 1e-3, "batch_size": 128, "optimizer": "Adam"}
+
+
+def plain_loop_seconds_per_epoch(arrays: dict, threads: int, epochs: int = 3, batch_size: int = 128) -> float:
+    """A plain PyTorch loop over in-memory tensors (train + validation), median seconds of epochs after the first."""
+    from text_recognizer.models import MLP
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x, y = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"])
+    xv, yv = torch.from_numpy(arrays["x_val"]), torch.from_numpy(arrays["y_val"])
+    model = MLP({"input_dims": (1, 28, 28), "mapping": list(range(10))}, argparse.Namespace(**DEFAULT_RUN))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), batch_size):
+            index = order[i : i + batch_size]
+            loss = torch.nn.functional.cross_entropy(model(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            correct = sum(
+                (model(xv[i : i + batch_size]).argmax(1) == yv[i : i + batch_size]).sum() for i in range(0, len(xv), batch_size)
+            )
+        assert correct > 0
+        times.append(time.perf_counter() - start)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return statistics.median(times[1:])
+
+
+class MemorySampler(threading.Thread):
+    """Polls the unique memory (USS) of every trial worker process; keeps each process's peak."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak: dict[int, int] = {}
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            for process in psutil.process_iter(["cmdline"]):
+                try:
+                    if "ImplicitFunc" in " ".join(process.info["cmdline"] or []):
+                        uss = process.memory_full_info().uss
+                        self.peak[process.pid] = max(uss, self.peak.get(process.pid, 0))
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            time.sleep(0.5)
+
+    def stop(self) -> float | None:
+        """Median peak USS per trial worker, in MB."""
+        self.running = False
+        self.join()
+        return statistics.median(self.peak.values()) / 2**20 if self.peak else None
+
+
+def ours(
+    name: str,
+    storage: Path,
+    data_dir: Path,
+    config: Path,
+    samples: int,
+    max_t: int | None,
+    space_fixed: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Our search through its real CLI entry point, in this process (the Ray cluster is shared)."""
+    from text_recognizer.cli import tune_mlp
+
+    argv = [
+        "--config",
+        str(config),
+        "--num-samples",
+        str(samples),
+        "--storage-path",
+        str(storage),
+        "--name",
+        name,
+        f"--data_dir={data_dir}",
+        "--wandb-mode",
+        "offline",
+        "--quiet",
+        "--cpus-per-trial",
+        "1",
+        "--gpus-per-trial",
+        "0",
+    ]
+    argv += [f"--{key}={value}" for key, value in (space_fixed or {}).items()]
+    if max_t is not None:
+        tmp = storage / f"{name}.yaml"
+        tmp.write_text(config.read_text().replace("max_t: 10", f"max_t: {max_t}"))
+        argv[1] = str(tmp)
+    sampler = MemorySampler()
+    sampler.start()
+    summary = tune_mlp(argv)
+    frames = _trial_results(storage / name)
+    return {
+        "wall_seconds": summary["wall_seconds"],
+        "best_val_acc": summary["best"]["value"] if summary["best"] else None,
+        "total_epochs": summary["total_epochs"],
+        "epoch_fraction": summary["epoch_fraction"],
+        "startup_seconds_median": summary["startup_seconds_median"],
+        "seconds_per_epoch": _later_epoch_seconds(frames),
+        "worker_uss_mb": sampler.stop(),
+    }
+
+
+def recipe(
+    name: str,
+    storage: Path,
+    data_dir: Path,
+    config: Path,
+    samples: int,
+    max_t: int | None,
+    space_fixed: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The textbook recipe on the same space, ASHA settings, seed, data and CPUs."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from benchmarks.recipe import recipe_trainable
+    from text_recognizer.search.config import load_config
+    from text_recognizer.search.results import TrialClock
+
+    search = load_config(config, space_fixed)
+    if max_t is not None:
+        search.max_t = max_t
+    space = {**search.param_space(), "data_dir": str(data_dir / "FashionMNIST" / ".."), "max_epochs": search.max_t}
+    space.pop("data_class", None)
+    clock = TrialClock()
+    tuner = tune.Tuner(
+        tune.with_resources(recipe_trainable, {"CPU": 1}),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=search.metric,
+            mode=search.mode,
+            num_samples=samples,
+            scheduler=ASHAScheduler(
+                max_t=search.max_t, grace_period=search.grace_period, reduction_factor=search.reduction_factor
+            ),
+            search_alg=BasicVariantGenerator(random_state=search.seed),
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[clock], verbose=0),
+    )
+    sampler = MemorySampler()
+    sampler.start()
+    began = time.time()
+    grid = tuner.fit()
+    wall = time.time() - began
+    frames = _trial_results(storage / name)
+    epochs = sum(len(rows) for rows in frames.values())
+    startups = []
+    for trial_dir in (storage / name).glob("*/first_step.json"):
+        trial_id = next(t for t in clock.ready if t in trial_dir.parent.name)
+        startups.append(json.loads(trial_dir.read_text())["first_step_at"] - clock.ready[trial_id])
+    best = max((max(r["val_acc"] for r in rows) for rows in frames.values() if rows), default=None)
+    return {
+        "wall_seconds": wall,
+        "best_val_acc": best,
+        "total_epochs": epochs,
+        "epoch_fraction": epochs / (len(grid) * search.max_t),
+        "startup_seconds_median": statistics.median(startups) if startups else None,
+        "seconds_per_epoch": _later_epoch_seconds(frames),
+        "worker_uss_mb": sampler.stop(),
+    }
+
+
+def _trial_results(search_dir: Path) -> dict[str, list[dict]]:
+    return {path.parent.name: [json.loads(line) for line in path.open()] for path in search_dir.glob("*/result.json")}
+
+
+def _later_epoch_seconds(frames: dict[str, list[dict]]) -> float | None:
+    """Median wall seconds between a trial's reports, over epochs after its first (no start-up in it)."""
+    times = [r["time_this_iter_s"] for rows in frames.values() for r in rows if r["training_iteration"] > 1]
+    return statistics.median(times) if times else None
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="8-sample searches of 3 epochs (default)")
+    mode.add_argument("--full", action="store_true", help="50-sample searches of the Fashion-MNIST config")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON results")
+    args = parser.parse_args(argv)
+    samples, max_t, label = (50, None, "full") if args.full else (8, 3, "quick")
+
+    import ray
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    FashionMNIST.ensure_raw_files(data_dir)
+    arrays = FashionMNIST.load_arrays(data_dir)
+    storage = Path(tempfile.mkdtemp(prefix="bench-"))
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    print(f"benchmark ({label}) on {platform.node()}: {args.cpus} CPUs, torch {torch.__version__}, storage {storage}")
+
+    # per-epoch: the default MLP, one trial of 3 epochs alone on the cluster, vs the plain loop (1 thread each)
+    single = {"fc1": 1024, "fc2": 128, "dropout": 0.5, "lr": 0.001, "batch_size": 128, "optimizer": "Adam"}
+    plain = plain_loop_seconds_per_epoch(arrays, threads=1)
+    ours_one = ours("ours-epoch", storage, data_dir, FASHION_CONFIG, 1, 3, single)
+    recipe_one = recipe("recipe-epoch", storage, data_dir, FASHION_CONFIG, 1, 3, single)
+    print(
+        f"  per-epoch runs done: plain {plain:.2f} s, ours {ours_one['seconds_per_epoch']:.2f} s, "
+        f"recipe {recipe_one['seconds_per_epoch']:.2f} s"
+    )
+    ours_search = ours("ours-search", storage, data_dir, FASHION_CONFIG, samples, max_t)
+    print(f"  our search done: {ours_search['wall_seconds']:.0f} s")
+    recipe_search = recipe("recipe-search", storage, data_dir, FASHION_CONFIG, samples, max_t)
+    print(f"  recipe search done: {recipe_search['wall_seconds']:.0f} s")
+    ray.shutdown()
+
+    figures = [
+        (
+            "seconds per epoch in a trial / plain loop",
+            ours_one["seconds_per_epoch"] / plain,
+            recipe_one["seconds_per_epoch"] / plain,
+            "<= 1.15",
+        ),
+        ("seconds per epoch in a trial", ours_one["seconds_per_epoch"], recipe_one["seconds_per_epoch"], f"plain {plain:.2f}"),
+        (
+            "trial start -> first step, median s",
+            ours_search["startup_seconds_median"],
+            recipe_search["startup_seconds_median"],
+            "<= 1.5",
+        ),
+        (f"{samples}-sample search wall s", ours_search["wall_seconds"], recipe_search["wall_seconds"], ""),
+        ("search wall / recipe's", ours_search["wall_seconds"] / recipe_search["wall_seconds"], 1.0, "<= 0.4"),
+        ("best val_acc", ours_search["best_val_acc"], recipe_search["best_val_acc"], "not lower"),
+        ("epochs trained / (samples x max_t)", ours_search["epoch_fraction"], recipe_search["epoch_fraction"], "<= 0.35"),
+        ("peak unique memory per trial worker, MB", ours_search["worker_uss_mb"], recipe_search["worker_uss_mb"], "<= 400"),
+    ]
+    print(f"\n{'figure':<44}{'ours':>10}{'recipe':>10}  target")
+    for name, mine, theirs, target in figures:
+        print(f"{name:<44}{_fmt(mine):>10}{_fmt(theirs):>10}  {target}")
+    result = {
+        "mode": label,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.node()} {args.cpus} CPUs",
+        "torch": torch.__version__,
+        "plain_loop_seconds_per_epoch": plain,
+        "per_epoch": {"ours": ours_one, "recipe": recipe_one},
+        "search": {"ours": ours_search, "recipe": recipe_search},
+        "figures": [{"figure": n, "ours": m, "recipe": t, "target": g} for n, m, t, g in figures],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {path}")
+    return result
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}"
+
+
+if __name__ == "__main__":
+    main()
