@@ -29,6 +29,9 @@ def tune_mlp(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     try:
         check_versions()
-        return run_search(argv)
+        summary = run_search(argv)
     except UserError as error:
         fail(f"tune_mlp.py: error: {error}")
+    if summary["interrupted"]:
+        raise SystemExit(130)  # like any program stopped by Ctrl-C; the state is saved for --resume
+    return summary

@@ -270,6 +270,8 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         began = time.time()
         if args.resume:
             tuner = tune.Tuner.restore(str(search_dir), trainable, resume_unfinished=True, resume_errored=True)
+            # Tune unpickles the callbacks of the first run; use fresh ones (this storage path, these objects)
+            tuner._local_tuner.get_run_config().callbacks = callbacks
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -303,10 +305,16 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
             args.wandb_project,
             clock.ready,
         )
+        if summary["interrupted"]:
+            wandb_callback.finish_all(tune.ExperimentAnalysis(str(search_dir)).trials)
+            command = ["python", "search/tune_mlp.py", "--resume", "--name", args.name, "--storage-path", str(search_dir.parent)]
+            summary["resume_command"] = shlex.join(command)
     finally:
         if started_ray:
             ray.shutdown()
     print_report(summary, args.top, file=sys.stdout)
+    if summary["interrupted"]:
+        print(f"\nThe search was interrupted; its state is saved. Continue it with:\n  {summary['resume_command']}")
     return summary
 
 

@@ -18,6 +18,7 @@ from text_recognizer.search.config import SearchConfig
 from text_recognizer.search.trainable import CHECKPOINT_NAME
 
 FINAL_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
+FINAL_STATUSES = ("completed", "stopped_early", "diverged", "error")
 
 
 class TrialClock(Callback):
@@ -85,7 +86,8 @@ def collect(search_dir: Path, config: SearchConfig, trial_starts: dict[str, floa
             "startup_seconds": None,
             "gpu_ids": last.get("gpu_ids"),
             "cuda_visible_devices": last.get("cuda_visible_devices"),
-            "error": str(trial.error_file) if trial.status == "ERROR" else None,
+            "failures": trial.num_failures,
+            "error": str(Path(trial.path) / trial.run_metadata.error_filename) if trial.run_metadata.error_filename else None,
         }
         if trial.trial_id in trial_starts and len(frame) and "first_step_at" in frame:
             row["startup_seconds"] = float(frame["first_step_at"].iloc[0]) - trial_starts[trial.trial_id]
@@ -135,6 +137,7 @@ def write_results(
         best["replay"] = replay_command(best["config"], best["epoch"])
     summary = {
         "name": name,
+        "interrupted": any(row["status"] not in FINAL_STATUSES for row in rows),
         "search_dir": str(search_dir),
         "settings": config.settings(),
         "space": config.space,

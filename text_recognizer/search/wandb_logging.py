@@ -6,6 +6,7 @@ ends as one finished W&B run, and runs land in the search's own folder on the dr
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -59,34 +60,65 @@ class WandbTrialCallback(tune.Callback):
         self.best: dict[str, float] = {}
 
     def _run(self, trial: Any) -> Any:
-        if trial.trial_id not in self.runs:
-            self.runs[trial.trial_id] = init_run(
-                project=self.project,
-                id=run_id(self.search_name, trial.trial_id),
-                name=str(trial),
-                group=self.search_name,
-                job_type="trial",
-                dir=str(self.search_dir),
-                mode=self.mode,
-                config={**trial.config, "search": self.settings, "trial_id": trial.trial_id},
-            )
-            self.logged_epoch.setdefault(trial.trial_id, 0)
-        return self.runs[trial.trial_id]
+        if trial.trial_id in self.runs:
+            return self.runs[trial.trial_id]
+        identifier = run_id(self.search_name, trial.trial_id)
+        earlier = self._take_over_offline_run(identifier, trial) if self.mode == "offline" else []
+        run = init_run(
+            project=self.project,
+            id=identifier,
+            name=str(trial),
+            group=self.search_name,
+            job_type="trial",
+            dir=str(self.search_dir),
+            mode=self.mode,
+            config={**trial.config, "search": self.settings, "trial_id": trial.trial_id},
+        )
+        self.runs[trial.trial_id] = run
+        self.logged_epoch[trial.trial_id] = 0
+        for row in earlier:
+            self._log(trial, run, row)
+        return run
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._run(trial)
+    def _take_over_offline_run(self, identifier: str, trial: Any) -> list[dict[str, Any]]:
+        """The rows a resumed trial's run must start with: its epochs up to the checkpoint it resumes from.
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        Offline, a resumed run would start a second, disconnected `.wandb` file for the same id, and
+        syncing both breaks the run. So the old folder moves to wandb/superseded/ (kept, never synced) and
+        the new run re-logs the earlier epochs. They come from Tune's result.json, flushed at every
+        result: a killed driver never got to flush its `.wandb` files.
+        """
+        superseded = self.search_dir / "wandb" / "superseded"
+        for folder in sorted(self.search_dir.glob(f"wandb/offline-run-*-{identifier}")):
+            superseded.mkdir(parents=True, exist_ok=True)
+            folder.rename(superseded / folder.name)
+        latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+        results = Path(trial.path) / "result.json"
+        if latest is None or not results.is_file():
+            return []
+        resumed_at = latest.metrics["training_iteration"]
+        rows = {}
+        for line in results.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["training_iteration"]] = row
+        return [rows[epoch] for epoch in sorted(rows) if epoch <= resumed_at]
+
+    def _log(self, trial: Any, run: Any, result: dict[str, Any]) -> None:
         epoch = result["training_iteration"]
         if epoch <= self.logged_epoch.get(trial.trial_id, 0):
             return  # a trial restored from an older checkpoint repeats epochs the run already has
-        run = self._run(trial)
         run.log({key: result[key] for key in HISTORY_KEYS if key in result} | {"epoch": epoch}, step=epoch)
         self.logged_epoch[trial.trial_id] = epoch
         value = result.get(self.metric)
         if value is not None and math.isfinite(value):
             better = max if self.metric_mode == "max" else min
             self.best[trial.trial_id] = better(value, self.best.get(trial.trial_id, value))
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._run(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._log(trial, self._run(trial), result)
 
     def _finish(self, trial: Any, status: str) -> None:
         run = self.runs.pop(trial.trial_id, None)
@@ -115,7 +147,11 @@ class WandbTrialCallback(tune.Callback):
         self._finish(trial, "error")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        for trial in trials:  # e.g. Ctrl-C: the still-running trials' runs are finished, resumable later
+        self.finish_all(trials)
+
+    def finish_all(self, trials: list) -> None:
+        """Finish the runs of trials still running (e.g. after Ctrl-C); --resume takes them over."""
+        for trial in trials:
             if trial.trial_id in self.runs:
                 self._finish(trial, "interrupted")
 
