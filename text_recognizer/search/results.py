@@ -152,7 +152,7 @@ def write_results(
         "trials": rows,
         "wandb": {"mode": wandb_mode, "project": wandb_project},
     }
-    if wandb_mode != "disabled":
+    if wandb_mode != "disabled" and not summary["interrupted"]:  # a resumed search logs it once, at its end
         log_summary_run(search_dir, name, wandb_project, wandb_mode, summary)
         if wandb_mode == "offline":
             summary["wandb"]["sync_command"] = f"wandb sync --include-offline {search_dir / 'wandb'}/offline-run-*"
