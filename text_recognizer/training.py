@@ -176,6 +176,7 @@ def fit(
     """Train per `args` and return the final metrics; a search trial passes `search=True` (no test, no logs)."""
     pl.seed_everything(args.seed, workers=True, verbose=False)
     data = DATA_CLASSES[args.data_class](args, arrays=arrays)
+    data.prepare_data()  # before the Trainer: missing or corrupt data is a one-line error, not after its banner
     model = MODEL_CLASSES[args.model_class](data_config=data.config(), args=args)
     lit_model = BaseLitModel(model=model, args=args)
     if args.load_checkpoint:

@@ -109,12 +109,16 @@ class MNIST(BaseDataModule):
 def copy_verified(source: Path, raw: Path, md5s: dict[str, str]) -> bool:
     """Decompress `source/<name>.gz` into `raw/<name>` when every decompressed file has its known md5."""
     import gzip
+    import zlib
 
     if not all((source / f"{name}.gz").is_file() for name in md5s):
         return False
     raw.mkdir(parents=True, exist_ok=True)
     for name, expected in md5s.items():
-        data = gzip.decompress((source / f"{name}.gz").read_bytes())
+        try:
+            data = gzip.decompress((source / f"{name}.gz").read_bytes())
+        except (OSError, EOFError, zlib.error) as error:
+            raise UserError(f"corrupt data file {source / name}.gz: cannot decompress ({type(error).__name__})") from None
         if hashlib.md5(data).hexdigest() != expected:
             raise UserError(f"corrupt data file {source / name}.gz: checksum mismatch after decompression")
         partial = raw / f"{name}.partial"

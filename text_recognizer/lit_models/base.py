@@ -28,11 +28,14 @@ class BaseLitModel(pl.LightningModule):
         super().__init__()
         self.model = model
         self.args = vars(args) if args is not None else {}
-        self.optimizer_class = getattr(torch.optim, self.args.get("optimizer", OPTIMIZER))
+        optimizer, loss = self.args.get("optimizer", OPTIMIZER), self.args.get("loss", LOSS)
+        if optimizer not in OPTIMIZERS or loss not in LOSSES:  # never getattr an arbitrary user string
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS} and loss one of {LOSSES}")
+        self.optimizer_class = getattr(torch.optim, optimizer)
         self.lr = self.args.get("lr", LR)
         self.one_cycle_max_lr = self.args.get("one_cycle_max_lr")
         self.one_cycle_total_steps = self.args.get("one_cycle_total_steps", ONE_CYCLE_TOTAL_STEPS)
-        self.loss_fn = getattr(F, self.args.get("loss", LOSS))
+        self.loss_fn = getattr(F, loss)
         num_classes = model.num_classes  # models expose it from their data config
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -1,0 +1,196 @@
+"""Reliability: a killed driver resumes, Ctrl-C stops cleanly, a killed worker retries, divergence is a result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from text_recognizer.search.wandb_files import offline_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIG = """
+metric: val_acc
+mode: max
+scheduler: {max_t: 5, grace_period: 5, reduction_factor: 2}
+fixed: {data_class: FashionMNIST, limit_train_batches: 60}
+space:
+  fc1: {choice: [16, 64]}
+  lr: {loguniform: [1.0e-3, 1.0e-2]}
+"""
+
+
+def start_search(tmp: Path, name: str, data_dir: Path, *extra: str, config: str = CONFIG) -> subprocess.Popen:
+    (tmp / f"{name}.yaml").write_text(config)
+    command = [
+        sys.executable,
+        "search/tune_mlp.py",
+        "--config",
+        str(tmp / f"{name}.yaml"),
+        "--storage-path",
+        str(tmp),
+        "--name",
+        name,
+        f"--data_dir={data_dir}",
+        "--wandb-mode",
+        "offline",
+        "--quiet",
+        *extra,
+    ]
+    return subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "offline"}
+    )
+
+
+def results(search_dir: Path) -> dict[str, list[dict]]:
+    """Tune's per-trial results, as the driver wrote them."""
+    return {
+        path.parent.name.removeprefix("trial_"): [json.loads(line) for line in path.read_text().splitlines()]
+        for path in search_dir.glob("trial_*/result.json")
+    }
+
+
+def wait_for(condition, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.3)
+
+
+def resume(tmp: Path, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "search/tune_mlp.py", "--resume", "--name", name, "--storage-path", str(tmp), "--quiet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def check_finished_search(search_dir: Path, trials: int, epochs: int) -> dict:
+    """Every trial final and complete; one W&B run per trial with one history row per epoch, no gap or duplicate."""
+    summary = json.loads((search_dir / "summary.json").read_text())
+    assert summary["num_trials"] == trials and not summary["interrupted"]
+    assert summary["statuses"] == {"completed": trials}
+    assert summary["total_epochs"] == trials * epochs
+    for trial_id, rows in results(search_dir).items():
+        assert [r["training_iteration"] for r in rows] == list(range(1, epochs + 1)), trial_id
+    runs = [run for run in offline_runs(search_dir) if run.job_type == "trial"]
+    assert sorted(run.id for run in runs) == sorted(f"{search_dir.name}-{t}" for t in results(search_dir))
+    for run in runs:
+        assert [row["epoch"] for row in run.history] == list(range(1, epochs + 1)), run.id
+        assert [row["_step"] for row in run.history] == list(range(1, epochs + 1)), run.id
+        assert run.exit_code == 0 and run.summary["status"] == "completed"
+    assert [run.id for run in offline_runs(search_dir) if run.job_type == "summary"] == [f"{search_dir.name}-summary"]
+    return summary
+
+
+def test_driver_killed_then_resumed(tmp_path: Path, fashion_dir: Path) -> None:
+    search = start_search(tmp_path, "killed", fashion_dir, "--num-samples", "4", "--max-concurrent", "2")
+    search_dir = tmp_path / "killed"
+    # kill once two trials have checkpointed at least two epochs each
+    wait_for(lambda: sum(len(rows) >= 2 for rows in results(search_dir).values()) >= 2)
+    search.send_signal(signal.SIGKILL)
+    search.wait()
+    before = {trial_id: len(rows) for trial_id, rows in results(search_dir).items()}
+    assert before and all(epochs < 5 for epochs in before.values())
+
+    resumed = resume(tmp_path, "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    check_finished_search(search_dir, trials=4, epochs=5)
+    after = results(search_dir)
+    for trial_id, done in before.items():
+        if done == 0:
+            continue
+        rows = after[trial_id]
+        # it went on from its checkpoint in a new worker: epochs 1..done from the first driver, not run again
+        assert rows[done]["pid"] != rows[0]["pid"]
+        assert len({r["pid"] for r in rows[:done]}) == 1
+    assert len(list((search_dir / "wandb" / "superseded").iterdir())) >= 2  # the killed driver's runs, kept aside
+
+
+def test_ctrl_c_saves_state_finishes_runs_and_prints_resume(tmp_path: Path, fashion_dir: Path) -> None:
+    search = start_search(tmp_path, "interrupted", fashion_dir, "--num-samples", "4", "--max-concurrent", "2")
+    search_dir = tmp_path / "interrupted"
+    wait_for(lambda: sum(len(rows) >= 2 for rows in results(search_dir).values()) >= 2)
+    search.send_signal(signal.SIGINT)
+    stdout, stderr = search.communicate(timeout=120)
+    assert search.returncode == 130, stderr[-3000:]
+    command = f"python search/tune_mlp.py --resume --name interrupted --storage-path {tmp_path}"
+    assert command in stdout
+    summary = json.loads((search_dir / "summary.json").read_text())
+    assert summary["interrupted"] and summary["resume_command"] == command
+    runs = offline_runs(search_dir)
+    assert runs and all(run.exit_code == 0 and run.summary["status"] == "interrupted" for run in runs)
+
+    resumed = resume(tmp_path, "interrupted")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    check_finished_search(search_dir, trials=4, epochs=5)
+
+
+def test_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path, fashion_dir: Path) -> None:
+    search = start_search(tmp_path, "worker", fashion_dir, "--num-samples", "2", "--max-concurrent", "1")
+    search_dir = tmp_path / "worker"
+    wait_for(lambda: any(len(rows) >= 2 for rows in results(search_dir).values()))
+    trial_id, rows = next((t, r) for t, r in results(search_dir).items() if len(r) >= 2)
+    os.kill(rows[0]["pid"], signal.SIGKILL)
+    stdout, stderr = search.communicate(timeout=300)
+    assert search.returncode == 0, stderr[-3000:]
+    summary = check_finished_search(search_dir, trials=2, epochs=5)
+    row = next(r for r in summary["trials"] if r["trial_id"] == trial_id)
+    assert row["failures"] == 1 and row["status"] == "completed"
+    pids = [r["pid"] for r in results(search_dir)[trial_id]]
+    assert len(set(pids)) == 2 and pids[0] == rows[0]["pid"]  # retried in a new worker, from the checkpoint
+
+
+DIVERGING = """
+metric: val_acc
+mode: max
+scheduler: {max_t: 3, grace_period: 3, reduction_factor: 2}
+fixed: {data_class: FashionMNIST, limit_train_batches: 20, optimizer: SGD}
+space:
+  lr: {grid: [1.0e+6, 0.05]}
+"""
+
+
+def test_diverging_trial_is_a_result_and_no_secret_is_written(tmp_path: Path, fashion_dir: Path) -> None:
+    key = "dummy0wandb0api0key0that0must0never0be0written0anywhere"
+    (tmp_path / "diverge.yaml").write_text(DIVERGING)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "search/tune_mlp.py",
+            "--config",
+            str(tmp_path / "diverge.yaml"),
+            "--storage-path",
+            str(tmp_path),
+            "--name",
+            "diverge",
+            f"--data_dir={fashion_dir}",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_API_KEY": key, "WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "diverge" / "summary.json").read_text())
+    status = {row["config"]["lr"]: row for row in summary["trials"]}
+    assert status[1e6]["status"] == "diverged" and status[1e6]["epochs"] < 3
+    assert status[0.05]["status"] == "completed" and status[0.05]["epochs"] == 3
+    assert summary["best"]["config"]["lr"] == 0.05  # a diverged trial is never the best
+    runs = {run.config["lr"]: run for run in offline_runs(tmp_path / "diverge") if run.job_type == "trial"}
+    assert runs[1e6].summary["status"] == "diverged" and runs[1e6].history[-1]["diverged"] is True
+    # the API key is in the environment of every process, and in no file the search wrote
+    written = [path for path in (tmp_path / "diverge").rglob("*") if path.is_file()]
+    assert len(written) > 20
+    assert not [path for path in written if key.encode() in path.read_bytes()]
