@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from text_recognizer.search.wandb_files import offline_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +79,10 @@ def check_finished_search(search_dir: Path, trials: int, epochs: int) -> dict:
     assert summary["statuses"] == {"completed": trials}
     assert summary["total_epochs"] == trials * epochs
     for trial_id, rows in results(search_dir).items():
-        assert [r["training_iteration"] for r in rows] == list(range(1, epochs + 1)), trial_id
+        # Tune's own log may repeat an epoch whose result arrived but whose checkpoint did not (worker killed
+        # in between); the retry repeats it from the older checkpoint. W&B below must hold each epoch once.
+        iterations = [r["training_iteration"] for r in rows]
+        assert sorted(set(iterations)) == list(range(1, epochs + 1)) and iterations[-1] == epochs, trial_id
     runs = [run for run in offline_runs(search_dir) if run.job_type == "trial"]
     assert sorted(run.id for run in runs) == sorted(f"{search_dir.name}-{t}" for t in results(search_dir))
     for run in runs:

@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from text_recognizer.data import DATA_CLASSES
+from text_recognizer.models import MODEL_CLASSES
 from text_recognizer.training import DATA_CLASS, MODEL_CLASS, build_parser
 from text_recognizer.util import UserError
 
@@ -141,6 +143,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
     for key in fixed:
         if key in NOT_SEARCHABLE:
             raise bad(f"fixed.{key}", "is set by the search itself" + (" (scheduler.max_t)" if key == "max_epochs" else ""))
+    for key, registry in (("data_class", DATA_CLASSES), ("model_class", MODEL_CLASSES)):
+        if key in fixed and fixed[key] not in registry:
+            raise bad(f"fixed.{key}", f"unknown class {fixed[key]!r} (known: {', '.join(sorted(registry))})")
     parser = build_parser(
         [f"--data_class={fixed.get('data_class', DATA_CLASS)}", f"--model_class={fixed.get('model_class', MODEL_CLASS)}"],
         prog=str(path),
@@ -202,7 +207,8 @@ def _check_range(actions: dict[str, argparse.Action], key: str, kind: str, value
     low, high = value
     number = int if kind == "randint" else (int, float)
     if not (_is(low, number) and _is(high, number)):
-        raise bad(name, f"{kind} needs {'integer' if kind == 'randint' else 'numeric'} bounds, got {value!r}")
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(low, str) or isinstance(high, str) else ""
+        raise bad(name, f"{kind} needs {'integer' if kind == 'randint' else 'numeric'} bounds, got {value!r}{hint}")
     if not low < high:
         raise bad(name, f"empty or inverted range [{low}, {high}]")
     if kind == "loguniform" and low <= 0:

@@ -136,6 +136,8 @@ def prepare(argv: Sequence[str] | None) -> tuple[argparse.Namespace, SearchConfi
     local_cluster = not (args.address or os.environ.get("RAY_ADDRESS"))
     if local_cluster and os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         raise UserError("RAY_AUTH_MODE=disabled: the local Ray cluster always keeps token authentication on; unset it")
+    if local_cluster and not _ray_running():
+        check_trial_fits(args, local_resources())  # refuse before the data is read and Ray starts
     storage = _check_storage(args.storage_path)
 
     if args.resume:
@@ -172,6 +174,13 @@ def prepare(argv: Sequence[str] | None) -> tuple[argparse.Namespace, SearchConfi
     return args, config, search_dir
 
 
+def _ray_running() -> bool:
+    """Whether this process is already connected to Ray (e.g. a test or notebook started it)."""
+    import ray
+
+    return ray.is_initialized()
+
+
 def start_ray(address: str | None) -> bool:
     """Join the cluster at `address` / $RAY_ADDRESS, or start a quiet local one without a dashboard.
 
@@ -182,6 +191,8 @@ def start_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     # Ray's token authentication stays as the cluster has it: we never pass anything that turns it off.
+    # ray.init says so at every start that token auth is on (as it stays): one line of noise in every search
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(
         address=address or os.environ.get("RAY_ADDRESS"),
         include_dashboard=False,
@@ -193,16 +204,28 @@ def start_ray(address: str | None) -> bool:
 
 
 def trial_resources(args: argparse.Namespace) -> tuple[float, float]:
-    """CPUs and GPUs per trial: the flags, else the default; UserError when no node can hold one trial."""
+    """CPUs and GPUs per trial on the running cluster: the flags, else the default."""
     import ray
 
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return check_trial_fits(args, nodes)
+
+
+def local_resources() -> list[dict[str, float]]:
+    """The one node a local cluster will have: this machine's CPUs and GPUs."""
+    import torch
+
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+
+
+def check_trial_fits(args: argparse.Namespace, nodes: list[dict[str, float]]) -> tuple[float, float]:
+    """CPUs and GPUs per trial (flags, else defaults); UserError when no node can hold one trial."""
     total_cpus = sum(node.get("CPU", 0) for node in nodes)
     total_gpus = sum(node.get("GPU", 0) for node in nodes)
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1 / TRIALS_PER_GPU if total_gpus else 0.0)
     cpus = args.cpus_per_trial
     if cpus is None:
-        cpus = max(1.0, float(int(total_cpus // (total_gpus * TRIALS_PER_GPU)))) if gpus else 1.0
+        cpus = max(1.0, float(int(total_cpus // (total_gpus * TRIALS_PER_GPU)))) if gpus and total_gpus else 1.0
     if not any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes):
         most_cpus = max(node.get("CPU", 0) for node in nodes)
         most_gpus = max(node.get("GPU", 0) for node in nodes)
@@ -310,8 +333,6 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         if summary["interrupted"]:
             wandb_callback.finish_all(tune.ExperimentAnalysis(str(search_dir)).trials)
-            command = ["python", "search/tune_mlp.py", "--resume", "--name", args.name, "--storage-path", str(search_dir.parent)]
-            summary["resume_command"] = shlex.join(command)
     finally:
         if started_ray:
             ray.shutdown()

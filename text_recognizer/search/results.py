@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -156,6 +157,9 @@ def write_results(
         log_summary_run(search_dir, name, wandb_project, wandb_mode, summary)
         if wandb_mode == "offline":
             summary["wandb"]["sync_command"] = f"wandb sync --include-offline {search_dir / 'wandb'}/offline-run-*"
+    if summary["interrupted"]:
+        command = ["python", "search/tune_mlp.py", "--resume", "--name", name, "--storage-path", str(search_dir.parent)]
+        summary["resume_command"] = shlex.join(command)
     (search_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     flat = [{**{k: v for k, v in row.items() if k != "config"}, **row["config"]} for row in rows]
     pd.DataFrame(flat).to_csv(search_dir / "trials.csv", index=False)
