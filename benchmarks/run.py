@@ -162,7 +162,7 @@ def recipe(
     search = load_config(config, space_fixed)
     if max_t is not None:
         search.max_t = max_t
-    space = {**search.param_space(), "data_dir": str(data_dir / "FashionMNIST" / ".."), "max_epochs": search.max_t}
+    space = {**search.param_space(), "data_dir": str(data_dir)}
     space.pop("data_class", None)
     clock = TrialClock()
     tuner = tune.Tuner(

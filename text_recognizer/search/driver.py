@@ -11,7 +11,8 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -268,9 +269,6 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         # the dataset goes into the object store once; trials on a node share it, zero-copy
         trainable = tune.with_resources(tune.with_parameters(train_trial, arrays=arrays), {"CPU": cpus, "GPU": gpus})
-        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # no TensorBoard files per trial
-        # a snapshot per checkpoint is what makes --resume lose nothing; don't warn about its cost
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         wandb_callback = WandbTrialCallback(
             search_dir,
             args.name,
@@ -319,7 +317,8 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 ),
                 run_config=run_config,
             )
-        tuner.fit()
+        with tune_environment():
+            tuner.fit()
         record["wall_seconds"] += time.time() - began
         (search_dir / SEARCH_FILE).write_text(json.dumps(record, indent=2))
         summary = write_results(
@@ -340,6 +339,26 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if summary["interrupted"]:
         print(f"\nThe search was interrupted; its state is saved. Continue it with:\n  {summary['resume_command']}")
     return summary
+
+
+@contextmanager
+def tune_environment() -> Iterator[None]:
+    """Tune settings that only exist as environment variables, for the duration of one search."""
+    values = {
+        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # JSON and CSV are given explicitly: no TensorBoard files per trial
+        # a snapshot per checkpoint is what makes --resume lose nothing; don't warn about its cost
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    }
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def replay_command(config: dict[str, Any], epochs: int | None = None) -> str:

@@ -57,6 +57,7 @@ class TuneReportCallback(EpochTimer):
             torch_threads=torch.get_num_threads(),
             pid=os.getpid(),
             reported_at=time.time(),
+            gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         )
         with tempfile.TemporaryDirectory(prefix="trial-ckpt-") as directory:
             trainer.save_checkpoint(os.path.join(directory, CHECKPOINT_NAME))
