@@ -134,7 +134,8 @@ def main() -> None:
         )
     s = result["search"]
     print(
-        f"{args.samples}-sample search: {s['wall_seconds']:.0f} s, {s['total_epochs']} epochs, best val_acc {s['best_val_acc']:.4f}"
+        f"{args.samples}-sample search: {s['wall_seconds']:.0f} s, {s['total_epochs']} epochs, "
+        f"best val_acc {s['best_val_acc']:.4f}"
     )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"

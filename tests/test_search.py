@@ -162,7 +162,10 @@ def test_printed_report_and_replay_command_runs(search: tuple[Path, dict, str], 
 def test_gpu_packing_with_gpus_declared_to_ray(tmp_path: Path, fashion_dir: Path) -> None:
     """Two GPUs declared to Ray on this CPU machine, half a GPU per trial: four trials run at once, two per GPU."""
     config = tmp_path / "gpu.yaml"
-    config.write_text(SEARCH_YAML.replace("limit_train_batches: 8", "limit_train_batches: 30"))
+    # long enough trials, never stopped early, so that four workers that start one by one overlap
+    config.write_text(
+        SEARCH_YAML.replace("limit_train_batches: 8", "limit_train_batches: 200").replace("grace_period: 1", "grace_period: 4")
+    )
     args = [
         "--config",
         str(config),

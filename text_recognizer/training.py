@@ -12,7 +12,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from text_recognizer.data import DATA_CLASSES
@@ -214,7 +214,8 @@ def fit(
         log_every_n_steps=args.log_every_n_steps,
         callbacks=[*run_callbacks, *callbacks],
         logger=loggers,
-        enable_checkpointing=not search,
+        # a search trial checkpoints through its Tune report callback (a Checkpoint) only
+        enable_checkpointing=not search or any(isinstance(c, Checkpoint) for c in callbacks),
         # a trial has nobody watching its terminal: no progress bar, summary or sanity check
         enable_progress_bar=not search and os.isatty(2),
         enable_model_summary=not search,

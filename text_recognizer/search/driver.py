@@ -109,13 +109,13 @@ def _check_name(name: str) -> None:
 
 
 def _check_storage(storage: Path) -> Path:
+    """The resolved storage path; UserError unless it is, or can be made, a writable folder (made later)."""
     storage = storage.expanduser().resolve()
-    try:
-        storage.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"--storage-path {storage}: cannot create it ({error.strerror})") from None
-    if not os.access(storage, os.W_OK | os.X_OK):
-        raise UserError(f"--storage-path {storage}: not writable")
+    existing = next(path for path in (storage, *storage.parents) if path.exists())
+    if not existing.is_dir():
+        raise UserError(f"--storage-path {storage}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--storage-path {storage}: {existing} is not writable")
     return storage
 
 
@@ -170,7 +170,6 @@ def prepare(argv: Sequence[str] | None) -> tuple[argparse.Namespace, SearchConfi
                 f"a search named {args.name!r} exists in {storage}: continue it with --resume, "
                 "pick another --name, or start over with --overwrite"
             )
-        shutil.rmtree(search_dir)
     args.wandb_mode = args.wandb_mode or default_wandb_mode()
     return args, config, search_dir
 
@@ -257,6 +256,8 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started_ray = start_ray(args.address)
     try:
         cpus, gpus = trial_resources(args)
+        if args.overwrite and not args.resume and search_dir.exists():
+            shutil.rmtree(search_dir)  # only now: every check passed, the data loaded and Ray started
         search_dir.mkdir(parents=True, exist_ok=True)
         previous = json.loads((search_dir / SEARCH_FILE).read_text()) if args.resume else {}
         record = {

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Checkpoint
 
 from text_recognizer.data.base_data_module import Arrays
 from text_recognizer.training import EpochTimer, epoch_metrics, fit, parse_args
@@ -29,11 +30,12 @@ def config_to_argv(config: dict[str, Any]) -> list[str]:
     return argv
 
 
-class TuneReportCallback(EpochTimer):
+class TuneReportCallback(EpochTimer, Checkpoint):
     """Reports the epoch's train and val metrics to Tune with a checkpoint, at the end of every epoch.
 
     At train-epoch end Lightning has already validated, so one report carries both, and ASHA decides
-    at every epoch.
+    at every epoch. Being a Checkpoint callback, it runs after LightningModule.on_train_epoch_end, where
+    the epoch's metrics are logged.
     """
 
     def __init__(self, started: float, gpu_ids: list[Any]) -> None:
