@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -95,6 +98,7 @@ def test_each_trial_reported_every_epoch_with_its_threads(search: tuple[Path, di
         assert [r["epoch"] for r in results] == list(range(1, row["epochs"] + 1))
         assert all({"val_loss", "val_acc", "train_loss", "train_acc"} <= set(r) for r in results)
         assert all(r["torch_threads"] == 1 for r in results)  # 1 CPU per trial -> 1 torch thread
+        assert all(r["shared_data"] for r in results)  # the dataset is the object store's, zero-copy
 
 
 def test_wandb_offline_runs_read_back(search: tuple[Path, dict, str]) -> None:
@@ -198,3 +202,45 @@ def test_gpu_packing_with_gpus_declared_to_ray(tmp_path: Path, fashion_dir: Path
     most_at_once = max(sum(start <= t <= end for start, end in spans) for t, _ in spans)
     assert most_at_once == 4
     assert sorted(gpus.values()) == ["0", "0", "1", "1"]
+
+
+def test_joins_an_existing_cluster(tmp_path: Path, fashion_dir: Path) -> None:
+    """`ray start --head` makes a cluster (with token auth); --address joins it and leaves it running."""
+    # a short session folder of its own: Ray's socket paths must stay under the 107-character limit
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
+    started = subprocess.run(
+        ["ray", "start", "--head", "--port=6391", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        address = re.search(r"--address='([^']+)'", started.stdout + started.stderr).group(1)
+        args = [
+            "--smoke-test",
+            "--data_class=FashionMNIST",
+            f"--data_dir={fashion_dir}",
+            f"--address={address}",
+            "--storage-path",
+            str(tmp_path),
+            "--name",
+            "joined",
+            "--wandb-mode",
+            "disabled",
+            "--quiet",
+        ]
+        run_search_process(args)
+        summary = json.loads((tmp_path / "joined" / "summary.json").read_text())
+        assert summary["num_trials"] == 4 and summary["statuses"] == {"completed": 4}
+        status = subprocess.run(
+            ["ray", "status", f"--address={address}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**env, "RAY_AUTH_MODE": "token"},
+        )
+        assert status.returncode == 0  # the driver left the cluster it joined running
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120, env=env)

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -137,6 +138,9 @@ def prepare(argv: Sequence[str] | None) -> tuple[argparse.Namespace, SearchConfi
     local_cluster = not (args.address or os.environ.get("RAY_ADDRESS"))
     if local_cluster and os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         raise UserError("RAY_AUTH_MODE=disabled: the local Ray cluster always keeps token authentication on; unset it")
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address and address != "auto" and "://" not in address:
+        _check_reachable(address)
     if local_cluster and not _ray_running():
         check_trial_fits(args, local_resources())  # refuse before the data is read and Ray starts
     storage = _check_storage(args.storage_path)
@@ -181,6 +185,16 @@ def _ray_running() -> bool:
     return ray.is_initialized()
 
 
+def _check_reachable(address: str) -> None:
+    """UserError unless something listens at host:port (ray.init would retry a dead address for minutes)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as error:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({error})") from None
+
+
 def start_ray(address: str | None) -> bool:
     """Join the cluster at `address` / $RAY_ADDRESS, or start a quiet local one without a dashboard.
 
@@ -190,16 +204,19 @@ def start_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    # Ray's token authentication stays as the cluster has it: we never pass anything that turns it off.
-    # ray.init says so at every start that token auth is on (as it stays): one line of noise in every search
+    # Ray's token authentication stays on: we never pass anything that turns it off. ray.init says at
+    # every start that it is on, one line of noise in every search: keep that logger quiet.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(
-        address=address or os.environ.get("RAY_ADDRESS"),
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-        configure_logging=True,
-    )
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and "RAY_AUTH_MODE" not in os.environ:
+        # a cluster started with `ray start` has a token in ~/.ray/auth_token: present it when joining
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}") from None
     return True
 
 

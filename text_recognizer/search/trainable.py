@@ -38,10 +38,11 @@ class TuneReportCallback(EpochTimer, Checkpoint):
     the epoch's metrics are logged.
     """
 
-    def __init__(self, started: float, gpu_ids: list[Any]) -> None:
+    def __init__(self, started: float, gpu_ids: list[Any], shared_data: bool) -> None:
         super().__init__()
         self.started = started
         self.gpu_ids = [str(gpu) for gpu in gpu_ids]
+        self.shared_data = shared_data
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from ray import tune
@@ -58,6 +59,7 @@ class TuneReportCallback(EpochTimer, Checkpoint):
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             torch_threads=torch.get_num_threads(),
             pid=os.getpid(),
+            shared_data=self.shared_data,
             reported_at=time.time(),
             gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         )
@@ -91,7 +93,8 @@ def train_trial(config: dict[str, Any], arrays: Arrays | None = None) -> None:
         fit(
             args,
             arrays=arrays,
-            callbacks=[TuneReportCallback(started, gpu_ids)],
+            # arrays straight from Ray's object store are read-only views of shared memory, not copies
+            callbacks=[TuneReportCallback(started, gpu_ids, shared_data=bool(arrays) and not arrays["x_train"].flags.writeable)],
             ckpt_path=os.path.join(directory, CHECKPOINT_NAME) if directory else None,
             search=True,
             trainer_overrides=overrides,
