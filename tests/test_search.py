@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
@@ -208,8 +209,11 @@ def test_joins_an_existing_cluster(tmp_path: Path, fashion_dir: Path) -> None:
     """`ray start --head` makes a cluster (with token auth); --address joins it and leaves it running."""
     # a short session folder of its own: Ray's socket paths must stay under the 107-character limit
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
+    with socket.socket() as probe:  # a free port: a fixed one may still be held by an earlier cluster
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
     started = subprocess.run(
-        ["ray", "start", "--head", "--port=6391", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+        ["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
         capture_output=True,
         text=True,
         timeout=120,
