@@ -157,3 +157,18 @@ def test_full_epoch_on_fashion_mnist(fashion_dir: Path, tmp_path: Path) -> None:
     assert tiny.returncode == 0, tiny.stderr[-3000:]
     tiny_acc = printed_test_acc(tiny.stdout)
     assert tiny_acc < default_acc
+
+
+def test_wandb_run_is_an_offline_run_with_the_args_and_the_model(tiny_data_dir: Path, tmp_path: Path) -> None:
+    metrics = run_experiment(
+        ["--wandb", f"--data_dir={tiny_data_dir}", f"--log_dir={tmp_path}", "--max_epochs=2", "--fc1=16", "--fc2=8"]
+    )
+    from text_recognizer.search.wandb_files import read_run
+
+    (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    run = read_run(path)
+    assert run.config["fc1"] == 16 and run.config["data_class"] == "MNIST" and run.config["seed"] == 42
+    epochs = sorted({row["epoch"] for row in run.history if "val_acc" in row})
+    assert epochs == [0, 1]
+    assert run.summary["test_acc"] == pytest.approx(metrics["test_acc"])
+    assert any(name.startswith("model-") for name in run.artifacts)  # the best checkpoint, uploaded on sync
