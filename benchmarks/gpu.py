@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -25,71 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.run import DEFAULT_RUN, FASHION_CONFIG, _trial_results  # noqa: E402
+from benchmarks.run import DEFAULT_RUN, FASHION_CONFIG, _trial_results, ours, plain_loop_seconds_per_epoch  # noqa: E402
 from text_recognizer.data import FashionMNIST  # noqa: E402
 
 
-def plain_gpu_epoch(arrays: dict, epochs: int = 3, batch_size: int = 128) -> float:
-    """A plain loop on the GPU over GPU-resident tensors: median seconds per epoch after the first."""
-    from text_recognizer.models import MLP
-
-    device = torch.device("cuda")
-    x, y = torch.from_numpy(arrays["x_train"]).to(device), torch.from_numpy(arrays["y_train"]).to(device)
-    xv, yv = torch.from_numpy(arrays["x_val"]).to(device), torch.from_numpy(arrays["y_val"]).to(device)
-    model = MLP({"input_dims": (1, 28, 28), "mapping": list(range(10))}, argparse.Namespace(**DEFAULT_RUN)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    times = []
-    for _ in range(epochs):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        order = torch.randperm(len(x), device=device)
-        for i in range(0, len(x), batch_size):
-            index = order[i : i + batch_size]
-            loss = torch.nn.functional.cross_entropy(model(x[index]), y[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            (model(xv).argmax(1) == yv).sum().item()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
 def search(storage: Path, name: str, data_dir: Path, samples: int, extra: list[str]) -> dict:
-    from text_recognizer.cli import tune_mlp
-
-    argv = [
-        "--config",
-        str(FASHION_CONFIG),
-        "--num-samples",
-        str(samples),
-        "--storage-path",
-        str(storage),
-        "--name",
-        name,
-        f"--data_dir={data_dir}",
-        "--wandb-mode",
-        "offline",
-        "--quiet",
-        *extra,
-    ]
-    summary = tune_mlp(argv)
+    """One of our searches on the GPU, with how many trials ran at once and their peak GPU memory."""
+    flags = {a.split("=")[0][2:]: a.split("=", 1)[1] for a in extra if "=" in a}
+    resources = tuple(a for a in extra if "=" not in a)
+    figures = ours(name, storage, data_dir, FASHION_CONFIG, samples, None, flags, resources)
     frames = _trial_results(storage / name)
     spans = [(rows[0]["trial_started_at"], rows[-1]["reported_at"]) for rows in frames.values() if rows]
     concurrency = max(sum(a <= t <= b for a, b in spans) for t, _ in spans) if spans else 0
-    epochs = [r["time_this_iter_s"] for rows in frames.values() for r in rows if r["training_iteration"] > 1]
     memory = [max(r.get("gpu_memory_mb", 0) for r in rows) for rows in frames.values() if rows]
-    return {
-        "wall_seconds": summary["wall_seconds"],
-        "trials": summary["num_trials"],
-        "max_concurrent": concurrency,
-        "seconds_per_epoch": statistics.median(epochs) if epochs else None,
-        "peak_gpu_memory_mb_per_trial": max(memory) if memory else None,
-        "best_val_acc": summary["best"]["value"] if summary["best"] else None,
-        "startup_seconds_median": summary["startup_seconds_median"],
-        "total_epochs": summary["total_epochs"],
-    }
+    return {**figures, "max_concurrent": concurrency, "peak_gpu_memory_mb_per_trial": max(memory) if memory else None}
 
 
 def main() -> None:
@@ -109,7 +57,7 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     gpus, cpus = torch.cuda.device_count(), os.cpu_count()
     result: dict = {"gpu": torch.cuda.get_device_name(0), "gpus": gpus, "cpus": cpus, "date": time.strftime("%Y-%m-%d")}
-    result["plain_loop_seconds_per_epoch"] = plain_gpu_epoch(arrays)
+    result["plain_loop_seconds_per_epoch"] = plain_loop_seconds_per_epoch(arrays, cpus or 1, device="cuda")
     single = [f"--{k}={v}" for k, v in DEFAULT_RUN.items()]
     result["one_trial"] = search(storage, "one", data_dir, 1, [*single, "--gpus-per-trial", "1", "--cpus-per-trial", "1"])
     result["packing"] = {}
