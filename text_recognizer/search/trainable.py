@@ -69,6 +69,22 @@ class TuneReportCallback(EpochTimer, Checkpoint):
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
+def release_memory() -> None:
+    """Give a finished trial's memory back, so a reused worker stays the size of one trial.
+
+    Each trial runs in a new thread of a reused worker; glibc keeps what a thread freed in that thread's
+    arena, and without a trim a worker grew by ~10 MB per trial (600 MB to 900 MB over 25 trials).
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
 def trial_args(config: dict[str, Any]) -> argparse.Namespace:
     """The run args of a trial: its config parsed exactly as run_experiment.py would parse it."""
     return parse_args(config_to_argv(config), prog="trial")
@@ -88,14 +104,18 @@ def train_trial(config: dict[str, Any], arrays: Arrays | None = None) -> None:
     # GPU behind the ids (Ray told of GPUs on a CPU machine) the trial trains on the CPU.
     on_gpu = bool(gpu_ids) and torch.cuda.is_available()
     overrides = {"accelerator": "gpu" if on_gpu else "cpu", "devices": 1}
+    # arrays straight from Ray's object store are read-only views of shared memory, not copies
+    shared_data = bool(arrays) and not arrays["x_train"].flags.writeable
     checkpoint = tune.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else nullcontext(None) as directory:
-        fit(
-            args,
-            arrays=arrays,
-            # arrays straight from Ray's object store are read-only views of shared memory, not copies
-            callbacks=[TuneReportCallback(started, gpu_ids, shared_data=bool(arrays) and not arrays["x_train"].flags.writeable)],
-            ckpt_path=os.path.join(directory, CHECKPOINT_NAME) if directory else None,
-            search=True,
-            trainer_overrides=overrides,
-        )
+    try:
+        with checkpoint.as_directory() if checkpoint else nullcontext(None) as directory:
+            fit(
+                args,
+                arrays=arrays,
+                callbacks=[TuneReportCallback(started, gpu_ids, shared_data)],
+                ckpt_path=os.path.join(directory, CHECKPOINT_NAME) if directory else None,
+                search=True,
+                trainer_overrides=overrides,
+            )
+    finally:
+        release_memory()
