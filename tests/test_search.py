@@ -237,7 +237,9 @@ def test_joins_an_existing_cluster(tmp_path: Path, fashion_dir: Path) -> None:
         ]
         run_search_process(args)
         summary = json.loads((tmp_path / "joined" / "summary.json").read_text())
-        assert summary["num_trials"] == 4 and summary["statuses"] == {"completed": 4}
+        assert summary["num_trials"] == 4 and not summary["interrupted"]
+        assert set(summary["statuses"]) <= {"completed", "stopped_early"}  # ASHA may stop one: timing decides
+        assert all(row["epochs"] >= 1 for row in summary["trials"])
         status = subprocess.run(
             ["ray", "status", f"--address={address}"],
             capture_output=True,
