@@ -4,9 +4,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install search smoke test test-slow lint bench bench-full
 
-install:
-	@command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ] && \
-		$(SUDO) apt-get install -y -qq dataset-fashion-mnist || true
+install:  ## the package with its dev tools, and Debian's Fashion-MNIST (real data without a network)
+	@if command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist \
+		|| echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST runs and the tests need it"; fi
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
 search: install  ## the main job: a 50-trial ASHA search of the MLP on Fashion-MNIST
