@@ -147,7 +147,14 @@ def test_printed_report_and_replay_command_runs(search: tuple[Path, dict, str], 
     _, summary, stdout = search
     best = summary["best"]
     assert f"Best trial {best['trial_id']}" in stdout and best["replay"] in stdout
-    assert "wandb sync" in stdout
+    sync = summary["wandb"]["sync_command"]
+    assert sync in stdout
+    # the printed command is one the installed wandb CLI accepts, and it names every run once
+    dry = subprocess.run(
+        sync.replace("wandb sync", "wandb sync --dry-run"), shell=True, capture_output=True, text=True, timeout=120
+    )
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert len(re.findall(r"\.wandb$", dry.stdout + dry.stderr, re.M)) == 7  # 6 trials and the summary run
     replay = shlex.split(best["replay"])
     assert replay[:2] == ["python", "training/run_experiment.py"]
     result = subprocess.run(
