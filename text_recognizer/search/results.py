@@ -156,7 +156,7 @@ def write_results(
     if wandb_mode != "disabled" and not summary["interrupted"]:  # a resumed search logs it once, at its end
         log_summary_run(search_dir, name, wandb_project, wandb_mode, summary)
         if wandb_mode == "offline":
-            summary["wandb"]["sync_command"] = f"wandb sync {search_dir / 'wandb'}/offline-run-*"
+            summary["wandb"]["sync_command"] = f"wandb sync {shlex.quote(str(search_dir / 'wandb'))}/offline-run-*"
     if summary["interrupted"]:
         command = ["python", "search/tune_mlp.py", "--resume", "--name", name, "--storage-path", str(search_dir.parent)]
         summary["resume_command"] = shlex.join(command)
