@@ -117,27 +117,6 @@ def default_wandb_mode() -> str:
     return "offline"
 
 
-def run_args_to_argv(run_args: dict[str, Any]) -> list[str]:
-    """The flags that reproduce `run_args` (only those that differ from the defaults)."""
-    defaults = vars(
-        build_parser(
-            [
-                f"--data_class={run_args.get('data_class', DATA_CLASS)}",
-                f"--model_class={run_args.get('model_class', MODEL_CLASS)}",
-            ]
-        ).parse_args([])
-    )
-    argv = []
-    for key, value in run_args.items():
-        if key not in defaults or value == defaults[key] and key not in ("data_class", "model_class"):
-            continue
-        if isinstance(value, bool):
-            argv += [f"--{key}"] if value else []
-        elif value is not None:
-            argv.append(f"--{key}={value}")
-    return argv
-
-
 class EpochTimer(Callback):
     """Records when the first training step starts and the wall seconds of each epoch."""
 

@@ -21,8 +21,8 @@ NUM_WORKERS = 0
 EVAL_BATCH_SIZE = 4096  # evaluation has no backward pass: big batches cut the per-step overhead
 DATA_DIRNAME = Path(os.environ.get("TEXT_RECOGNIZER_DATA_DIR", Path(__file__).resolve().parents[2] / "data" / "downloaded"))
 
-# The arrays a data module is made of: normalized float32 images (N, C, H, W) and int64 labels.
-SPLITS = ("train", "val", "test")
+# The arrays a data module is made of: normalized float32 images (N, C, H, W) and int64 labels,
+# keyed x_train, y_train, x_val, y_val, x_test, y_test.
 Arrays = dict[str, np.ndarray]
 
 
