@@ -311,3 +311,30 @@ def test_real_fashion_mnist(fashion_dir: Path) -> None:
     x_train = arrays["x_train"]
     # normalized with Fashion-MNIST's own statistics: about zero mean and unit spread
     assert abs(float(x_train.mean())) < 0.02 and abs(float(x_train.std()) - 1) < 0.02
+
+
+def test_mnist_raw_file_is_checked_against_its_downloaded_gz(tmp_path: Path) -> None:
+    """A .gz that is not torchvision's is caught; so is a raw file of the right size but other bytes than its .gz."""
+    import hashlib
+
+    import torchvision
+
+    name = "train-images-idx3-ubyte"
+    raw = write_tiny_mnist(tmp_path)
+    original = (raw / name).read_bytes()
+    (raw / f"{name}.gz").write_bytes(gzip.compress(original))
+    with pytest.raises(UserError, match=f"corrupt data file .*{name}.gz: checksum mismatch"):
+        MNIST.load_arrays(tmp_path)  # not the md5 torchvision lists for MNIST's file
+
+    # a dataset whose listed md5 is this .gz's: the .gz passes, then the raw bytes are compared with it
+    gz_md5 = hashlib.md5((raw / f"{name}.gz").read_bytes()).hexdigest()
+    listed = type("Listed", (torchvision.datasets.MNIST,), {"resources": [(f"{name}.gz", gz_md5)]})
+    module = type("ListedMNIST", (MNIST,), {"dataset_class": listed})
+    write_tiny_mnist(tmp_path, "Listed")
+    (tmp_path / "Listed" / "raw" / f"{name}.gz").write_bytes((raw / f"{name}.gz").read_bytes())
+    module.ensure_raw_files(tmp_path)
+    corrupted = bytearray(original)
+    corrupted[100] ^= 0xFF
+    (tmp_path / "Listed" / "raw" / name).write_bytes(bytes(corrupted))
+    with pytest.raises(UserError, match=f"corrupt data file .*{name}: checksum mismatch with {name}.gz"):
+        module.ensure_raw_files(tmp_path)

@@ -82,10 +82,24 @@ class MNIST(BaseDataModule):
             counts[name] = check_idx(raw / name, magic)
             if name in cls.raw_md5 and md5(raw / name) != cls.raw_md5[name]:
                 raise UserError(f"corrupt data file {raw / name}: checksum mismatch; delete it and run again")
+            if name not in cls.raw_md5 and (raw / f"{name}.gz").is_file():
+                cls.check_against_download(raw / name)
         for split in ("train", "t10k"):
             if counts[f"{split}-images-idx3-ubyte"] != counts[f"{split}-labels-idx1-ubyte"]:
                 raise UserError(f"corrupt data files in {raw}: {split} images and labels differ in number")
         return raw
+
+    @classmethod
+    def check_against_download(cls, path: Path) -> None:
+        """Check `path` against the .gz torchvision downloaded beside it (md5 of the .gz, then the same bytes)."""
+        import gzip
+
+        gz = path.with_name(f"{path.name}.gz")
+        expected = dict(cls.dataset_class.resources).get(gz.name)
+        if expected and md5(gz) != expected:
+            raise UserError(f"corrupt data file {gz}: checksum mismatch; delete it and run again")
+        if hashlib.md5(gzip.decompress(gz.read_bytes())).hexdigest() != md5(path):
+            raise UserError(f"corrupt data file {path}: checksum mismatch with {gz.name}; delete it and run again")
 
     @classmethod
     def load_arrays(cls, data_dir: Path) -> Arrays:
