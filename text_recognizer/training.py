@@ -162,8 +162,12 @@ def fit(
         state = torch.load(args.load_checkpoint, map_location="cpu", weights_only=True)
         lit_model.load_state_dict(state["state_dict"])
 
-    timer = EpochTimer()
-    run_callbacks: list[Callback] = [timer, EarlyStopping(monitor=MONITOR, mode="min", patience=EARLY_STOPPING_PATIENCE)]
+    # a search trial's report callback is an EpochTimer already: time each epoch once
+    timer = next((c for c in callbacks if isinstance(c, EpochTimer)), None)
+    run_callbacks: list[Callback] = [EarlyStopping(monitor=MONITOR, mode="min", patience=EARLY_STOPPING_PATIENCE)]
+    if timer is None:
+        timer = EpochTimer()
+        run_callbacks.append(timer)
     loggers: list[Logger] | bool = False
     checkpoint = None
     if not search:

@@ -53,15 +53,15 @@ def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def trial_status(trial: Any, max_t: int) -> str:
-    """completed (ran max_t epochs), stopped_early (by ASHA), diverged, error, or Tune's status if unfinished."""
-    last = trial.last_result or {}
-    if trial.status == "ERROR":
+def trial_status(status: str, last: dict[str, Any], max_t: int) -> str:
+    """A trial's outcome from Tune's status and its last result: completed (ran max_t epochs),
+    stopped_early (by ASHA), diverged, error, or Tune's status lower-cased if unfinished."""
+    if status == "ERROR":
         return "error"
     if last.get("diverged"):
         return "diverged"
-    if trial.status != "TERMINATED":
-        return trial.status.lower()
+    if status != "TERMINATED":
+        return status.lower()
     return "completed" if last.get("training_iteration", 0) >= max_t else "stopped_early"
 
 
@@ -79,7 +79,7 @@ def collect(search_dir: Path, config: SearchConfig, trial_starts: dict[str, floa
         last = trial.last_result or {}
         row = {
             "trial_id": trial.trial_id,
-            "status": trial_status(trial, config.max_t),
+            "status": trial_status(trial.status, last, config.max_t),
             "epochs": int(last.get("training_iteration", 0)),
             "config": {k: v for k, v in trial.config.items()},
             **{key: _finite(last.get(key)) for key in FINAL_METRICS},

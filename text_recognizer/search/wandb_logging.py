@@ -124,12 +124,10 @@ class WandbTrialCallback(tune.Callback):
         run = self.runs.pop(trial.trial_id, None)
         if run is None:
             return
+        from text_recognizer.search.results import trial_status
+
         epochs = self.logged_epoch.get(trial.trial_id, 0)
-        last = trial.last_result or {}
-        if last.get("diverged"):
-            status = "diverged"
-        elif status == "terminated":
-            status = "completed" if epochs >= self.max_t else "stopped_early"
+        status = trial_status(status, trial.last_result or {}, self.max_t)  # the same outcome as summary.json
         run.summary.update(
             {
                 f"best_{self.metric}": self.best.get(trial.trial_id),
@@ -141,10 +139,10 @@ class WandbTrialCallback(tune.Callback):
         run.finish(exit_code=1 if status == "error" else 0)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "terminated")
+        self._finish(trial, "TERMINATED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "error")
+        self._finish(trial, "ERROR")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.finish_all(trials)
@@ -153,7 +151,7 @@ class WandbTrialCallback(tune.Callback):
         """Finish the runs of trials still running (e.g. after Ctrl-C); --resume takes them over."""
         for trial in trials:
             if trial.trial_id in self.runs:
-                self._finish(trial, "interrupted")
+                self._finish(trial, "INTERRUPTED")
 
 
 def log_summary_run(search_dir: Path, search_name: str, project: str, mode: str, summary: dict[str, Any]) -> str:
