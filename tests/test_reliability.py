@@ -144,11 +144,22 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path, fashion_di
     os.kill(rows[0]["pid"], signal.SIGKILL)
     stdout, stderr = search.communicate(timeout=300)
     assert search.returncode == 0, stderr[-3000:]
-    summary = check_finished_search(search_dir, trials=2, epochs=5)
+    summary = json.loads((search_dir / "summary.json").read_text())
+    assert summary["statuses"] == {"completed": 2} and summary["total_epochs"] == 10
     row = next(r for r in summary["trials"] if r["trial_id"] == trial_id)
-    assert row["failures"] == 1 and row["status"] == "completed"
-    pids = [r["pid"] for r in results(search_dir)[trial_id]]
-    assert len(set(pids)) == 2 and pids[0] == rows[0]["pid"]  # retried in a new worker, from the checkpoint
+    assert row["failures"] == 1 and row["status"] == "completed" and row["epochs"] == 5
+    after = results(search_dir)[trial_id]
+    pids = [r["pid"] for r in after]
+    assert len(set(pids)) == 2 and pids[0] == rows[0]["pid"]  # retried in a new worker...
+    first_retried = next(r for r in after if r["pid"] != pids[0])
+    assert first_retried["training_iteration"] > 1  # ...from its checkpoint, not from scratch
+    # When the worker dies between Tune keeping an epoch's checkpoint and logging its result, Tune never
+    # delivers that result (seen: [1, 2, 4, 5]); so only order and completeness at the end are asserted here.
+    runs = {run.id: run for run in offline_runs(search_dir) if run.job_type == "trial"}
+    assert set(runs) == {f"worker-{t}" for t in results(search_dir)}
+    for run in runs.values():
+        epochs = [h["epoch"] for h in run.history]
+        assert epochs == sorted(set(epochs)) and epochs[-1] == 5 and run.summary["status"] == "completed"
 
 
 DIVERGING = """
