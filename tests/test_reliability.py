@@ -49,17 +49,20 @@ def start_search(tmp: Path, name: str, data_dir: Path, *extra: str, config: str 
 
 def results(search_dir: Path) -> dict[str, list[dict]]:
     """Tune's per-trial results, as the driver wrote them."""
-    return {
-        path.parent.name.removeprefix("trial_"): [json.loads(line) for line in path.read_text().splitlines()]
-        for path in search_dir.glob("trial_*/result.json")
-    }
+    return {path.parent.name.removeprefix("trial_"): complete_lines(path) for path in search_dir.glob("trial_*/result.json")}
 
 
-def wait_for(condition, timeout: float = 180) -> None:
+def complete_lines(path: Path) -> list[dict]:
+    """The JSON lines of a file another process may be writing: a last line without its newline is not there yet."""
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+def wait_for(condition, timeout: float = 180, poll: float = 0.3) -> None:
     deadline = time.time() + timeout
     while not condition():
         assert time.time() < deadline, "timed out"
-        time.sleep(0.3)
+        time.sleep(poll)
 
 
 def resume(tmp: Path, name: str) -> subprocess.CompletedProcess:
@@ -96,25 +99,26 @@ def check_finished_search(search_dir: Path, trials: int, epochs: int) -> dict:
 def test_driver_killed_then_resumed(tmp_path: Path, fashion_dir: Path) -> None:
     search = start_search(tmp_path, "killed", fashion_dir, "--num-samples", "4", "--max-concurrent", "2")
     search_dir = tmp_path / "killed"
-    # kill once two trials have checkpointed at least two epochs each
-    wait_for(lambda: sum(len(rows) >= 2 for rows in results(search_dir).values()) >= 2)
+    # kill as soon as a trial has checkpointed two epochs; epochs take well under a second here, so a trial
+    # may have finished already (seen in CI: 3 and 5 epochs) - the test needs one killed half-way
+    wait_for(lambda: any(len(rows) >= 2 for rows in results(search_dir).values()), poll=0.05)
     search.send_signal(signal.SIGKILL)
     search.wait()
     before = {trial_id: len(rows) for trial_id, rows in results(search_dir).items()}
-    assert before and all(epochs < 5 for epochs in before.values())
+    halfway = {trial_id: done for trial_id, done in before.items() if 0 < done < 5}
+    assert halfway and sum(before.values()) < 4 * 5, before
 
     resumed = resume(tmp_path, "killed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     check_finished_search(search_dir, trials=4, epochs=5)
     after = results(search_dir)
-    for trial_id, done in before.items():
-        if done == 0:
-            continue
+    for trial_id, done in halfway.items():
         rows = after[trial_id]
         # it went on from its checkpoint in a new worker: epochs 1..done from the first driver, not run again
         assert rows[done]["pid"] != rows[0]["pid"]
         assert len({r["pid"] for r in rows[:done]}) == 1
-    assert len(list((search_dir / "wandb" / "superseded").iterdir())) >= 2  # the killed driver's runs, kept aside
+    # the killed driver's runs of the trials it left half-way are kept aside, not synced twice
+    assert len(list((search_dir / "wandb" / "superseded").iterdir())) >= len(halfway)
 
 
 def test_ctrl_c_saves_state_finishes_runs_and_prints_resume(tmp_path: Path, fashion_dir: Path) -> None:
