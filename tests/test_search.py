@@ -99,7 +99,12 @@ def test_each_trial_reported_every_epoch_with_its_threads(search: tuple[Path, di
         assert [r["epoch"] for r in results] == list(range(1, row["epochs"] + 1))
         assert all({"val_loss", "val_acc", "train_loss", "train_acc"} <= set(r) for r in results)
         assert all(r["torch_threads"] == 1 for r in results)  # 1 CPU per trial -> 1 torch thread
-        assert all(r["shared_data"] for r in results)  # the dataset is the object store's, zero-copy
+        assert all(r["shared_data"] for r in results)  # the dataset is the fork server's, shared by its forks
+    # every trial trained in its own fork of the node's one fork server, not in its Tune actor
+    paths = [search_dir / f"trial_{row['trial_id']}" / "result.json" for row in summary["trials"]]
+    rows = [json.loads(path.read_text().splitlines()[0]) for path in paths]
+    assert len({r["server_pid"] for r in rows}) == 1
+    assert len({r["pid"] for r in rows}) == len(rows) and all(r["pid"] != r["worker_pid"] for r in rows)
 
 
 def test_wandb_offline_runs_read_back(search: tuple[Path, dict, str]) -> None:

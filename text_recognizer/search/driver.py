@@ -12,6 +12,7 @@ import shutil
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -267,7 +268,7 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from text_recognizer.search.trainable import train_trial
+    from text_recognizer.search.trial import train_trial
     from text_recognizer.search.wandb_logging import WandbTrialCallback
 
     started_ray = start_ray(args.address)
@@ -285,8 +286,11 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         (search_dir / SEARCH_FILE).write_text(json.dumps(record, indent=2))
 
-        # the dataset goes into the object store once; trials on a node share it, zero-copy
-        trainable = tune.with_resources(tune.with_parameters(train_trial, arrays=arrays), {"CPU": cpus, "GPU": gpus})
+        # the dataset goes into the object store once; the first trial on a node hands it to the node's fork
+        # server, whose trial processes all share it (a new key per run: a server never serves stale data)
+        trainable = tune.with_resources(
+            tune.with_parameters(train_trial, arrays=arrays, data_key=uuid.uuid4().hex), {"CPU": cpus, "GPU": gpus}
+        )
         wandb_callback = WandbTrialCallback(
             search_dir,
             args.name,
@@ -329,7 +333,7 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         reduction_factor=config.reduction_factor,
                     ),
                     search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=args.max_concurrent or 0),
-                    reuse_actors=True,  # torch and Lightning are imported once per worker, not once per trial
+                    reuse_actors=True,  # a trial starts in a running actor, which forks the node's server
                     trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
                 ),
@@ -381,7 +385,7 @@ def tune_environment() -> Iterator[None]:
 
 def replay_command(config: dict[str, Any], epochs: int | None = None) -> str:
     """The run_experiment.py command line that trains a trial's config as a single run."""
-    from text_recognizer.search.trainable import config_to_argv
+    from text_recognizer.search.trial import config_to_argv
 
     run_args = {**config, **({"max_epochs": epochs} if epochs else {})}
     return shlex.join(["python", "training/run_experiment.py", *config_to_argv(run_args)])

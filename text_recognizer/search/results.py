@@ -16,7 +16,7 @@ import torch
 from ray.tune import Callback
 
 from text_recognizer.search.config import SearchConfig
-from text_recognizer.search.trainable import CHECKPOINT_NAME
+from text_recognizer.search.trial import CHECKPOINT_NAME
 
 FINAL_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
 FINAL_STATUSES = ("completed", "stopped_early", "diverged", "error")

@@ -1,4 +1,8 @@
-"""The Tune trial: the same fit() as run_experiment.py, reporting and checkpointing once per epoch."""
+"""The trial process: the same fit() as run_experiment.py, reporting and checkpointing once per epoch.
+
+It runs in a fork of the node's fork server (see forkserver.py) and talks to its Tune actor (trial.py)
+over a connection: one message per epoch, then it waits for the actor to say go on.
+"""
 
 from __future__ import annotations
 
@@ -6,47 +10,33 @@ import argparse
 import os
 import tempfile
 import time
-from contextlib import nullcontext
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint
 
-from text_recognizer.data.base_data_module import Arrays
+from text_recognizer.search.trial import CHECKPOINT_NAME, config_to_argv
 from text_recognizer.training import EpochTimer, epoch_metrics, fit, parse_args
 
-CHECKPOINT_NAME = "model.ckpt"
 
-
-def config_to_argv(config: dict[str, Any]) -> list[str]:
-    """A trial config (run flag -> value) as command-line flags."""
-    argv = []
-    for key, value in config.items():
-        if isinstance(value, bool):
-            argv += [f"--{key}"] if value else []
-        elif value is not None:
-            argv.append(f"--{key}={value}")
-    return argv
-
-
-class TuneReportCallback(EpochTimer, Checkpoint):
-    """Reports the epoch's train and val metrics to Tune with a checkpoint, at the end of every epoch.
+class ReportCallback(EpochTimer, Checkpoint):
+    """Sends the epoch's train and val metrics with a checkpoint to the Tune actor, at the end of every epoch.
 
     At train-epoch end Lightning has already validated, so one report carries both, and ASHA decides
     at every epoch. Being a Checkpoint callback, it runs after LightningModule.on_train_epoch_end, where
     the epoch's metrics are logged.
     """
 
-    def __init__(self, started: float, gpu_ids: list[Any], shared_data: bool) -> None:
+    def __init__(self, connection: Connection, started: float, gpu_ids: list[str], shared_data: bool) -> None:
         super().__init__()
+        self.connection = connection
         self.started = started
-        self.gpu_ids = [str(gpu) for gpu in gpu_ids]
+        self.gpu_ids = gpu_ids
         self.shared_data = shared_data
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from ray import tune
-
         super().on_train_epoch_end(trainer, pl_module)
         metrics = epoch_metrics(trainer)
         metrics.update(
@@ -59,30 +49,15 @@ class TuneReportCallback(EpochTimer, Checkpoint):
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             torch_threads=torch.get_num_threads(),
             pid=os.getpid(),
+            server_pid=os.getppid(),  # the node's fork server
             shared_data=self.shared_data,
             reported_at=time.time(),
             gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         )
-        with tempfile.TemporaryDirectory(prefix="trial-ckpt-") as directory:
-            trainer.save_checkpoint(os.path.join(directory, CHECKPOINT_NAME))
-            # blocks until Tune took the result; Tune ends this thread here when ASHA stops the trial
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-
-
-def release_memory() -> None:
-    """Give a finished trial's memory back, so a reused worker stays the size of one trial.
-
-    Each trial runs in a new thread of a reused worker; glibc keeps what a thread freed in that thread's
-    arena, and without a trim a worker grew by ~10 MB per trial (600 MB to 900 MB over 25 trials).
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
+        directory = tempfile.mkdtemp(prefix="trial-ckpt-")  # the actor removes it once Tune has it
+        trainer.save_checkpoint(os.path.join(directory, CHECKPOINT_NAME))
+        self.connection.send({"metrics": metrics, "checkpoint": directory})
+        self.connection.recv()  # Tune took it: go on (EOFError when the actor is gone ends the process)
 
 
 def trial_args(config: dict[str, Any]) -> argparse.Namespace:
@@ -90,32 +65,21 @@ def trial_args(config: dict[str, Any]) -> argparse.Namespace:
     return parse_args(config_to_argv(config), prog="trial")
 
 
-def train_trial(config: dict[str, Any], arrays: Arrays | None = None) -> None:
-    """Tune function trainable: one training run per trial; resumes from Tune's checkpoint when restarted."""
-    import ray
-    from ray import tune
-
-    started = time.time()
-    args = trial_args(config)
-    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
-    torch.set_num_threads(max(1, int(cpus)))  # as many threads as CPUs given, so trials don't fight over cores
-    gpu_ids = ray.get_gpu_ids()
-    # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU, so cuda:0 is the one it was given. Without a real
-    # GPU behind the ids (Ray told of GPUs on a CPU machine) the trial trains on the CPU.
+def run_trial(connection: Connection, request: dict[str, Any], arrays: dict[str, Any]) -> None:
+    """Train one trial as its Tune actor asked (see trial.train_trial); resumes from its checkpoint, if any."""
+    torch.set_num_threads(request["threads"])
+    args = trial_args(request["config"])
+    gpu_ids = request["gpu_ids"]
+    # CUDA_VISIBLE_DEVICES is the trial's GPU, so cuda:0 is the one it was given. Without a real GPU
+    # behind the ids (Ray told of GPUs on a CPU machine) the trial trains on the CPU.
     on_gpu = bool(gpu_ids) and torch.cuda.is_available()
     overrides = {"accelerator": "gpu" if on_gpu else "cpu", "devices": 1}
-    # arrays straight from Ray's object store are read-only views of shared memory, not copies
-    shared_data = bool(arrays) and not arrays["x_train"].flags.writeable
-    checkpoint = tune.get_checkpoint()
-    try:
-        with checkpoint.as_directory() if checkpoint else nullcontext(None) as directory:
-            fit(
-                args,
-                arrays=arrays,
-                callbacks=[TuneReportCallback(started, gpu_ids, shared_data)],
-                ckpt_path=os.path.join(directory, CHECKPOINT_NAME) if directory else None,
-                search=True,
-                trainer_overrides=overrides,
-            )
-    finally:
-        release_memory()
+    fit(
+        args,
+        arrays=arrays,
+        # the arrays are the fork server's, shared with every trial process of the node, never written
+        callbacks=[ReportCallback(connection, request["started"], gpu_ids, shared_data=not arrays["x_train"].flags.writeable)],
+        ckpt_path=request["checkpoint"],
+        search=True,
+        trainer_overrides=overrides,
+    )
