@@ -81,7 +81,6 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while self.running:
-            servers = set()
             for process in psutil.process_iter(["cmdline", "ppid", "pid"]):
                 try:
                     command = " ".join(process.info["cmdline"] or [])
@@ -90,7 +89,6 @@ class MemorySampler(threading.Thread):
                         parent = psutil.Process(process.info["ppid"])
                         is_trial = "text_recognizer.search.forkserver" in " ".join(parent.cmdline())
                         role, value = ("trial", memory.uss) if is_trial else ("server", memory.pss)
-                        servers.add(process.info["pid"])
                     elif "ImplicitFunc" in command:
                         role, value = "actor", process.memory_full_info().uss
                     else:

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from text_recognizer.data.mnist import FashionMNIST
+from text_recognizer.data.mnist import MNIST
 from text_recognizer.search import forkserver
 
 
@@ -22,8 +22,8 @@ def arrays(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from tests.conftest import write_tiny_mnist
 
     data_dir = tmp_path_factory.mktemp("data")
-    write_tiny_mnist(data_dir, "FashionMNIST", n_train=600, n_test=100)
-    return FashionMNIST.load_arrays(data_dir)
+    write_tiny_mnist(data_dir, "MNIST", n_train=600, n_test=100)
+    return MNIST.load_arrays(data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def node_id() -> str:
 
 def request(tmp_path: Path, key: str, **config) -> dict:
     return {
-        "config": {"data_class": "FashionMNIST", "max_epochs": 3, "fc1": 32, "fc2": 16, **config},
+        "config": {"data_class": "MNIST", "max_epochs": 3, "fc1": 32, "fc2": 16, **config},
         "data_key": key,
         "threads": 1,
         "gpu_ids": [],
@@ -81,7 +81,7 @@ def test_a_stopped_trial_process_is_killed(tmp_path: Path, arrays: dict, node_id
 
 
 def test_an_error_comes_back_with_its_traceback(tmp_path: Path, arrays: dict, node_id: str) -> None:
-    with pytest.raises(forkserver.TrialProcessError, match="failed:.*--optimizer: invalid choice"):
+    with pytest.raises(forkserver.TrialProcessError, match="(?s)failed:.*--optimizer: invalid choice"):
         with forkserver.start_trial(request(tmp_path, "error", optimizer="Nope"), node_id, os.getpid(), arrays) as trial:
             list(trial)
 

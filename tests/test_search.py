@@ -104,7 +104,7 @@ def test_each_trial_reported_every_epoch_with_its_threads(search: tuple[Path, di
     paths = [search_dir / f"trial_{row['trial_id']}" / "result.json" for row in summary["trials"]]
     rows = [json.loads(path.read_text().splitlines()[0]) for path in paths]
     assert len({r["server_pid"] for r in rows}) == 1
-    assert len({r["pid"] for r in rows}) == len(rows) and all(r["pid"] != r["worker_pid"] for r in rows)
+    assert len({r["trial_pid"] for r in rows}) == len(rows) and all(r["trial_pid"] != r["pid"] for r in rows)
 
 
 def test_wandb_offline_runs_read_back(search: tuple[Path, dict, str]) -> None:

@@ -48,7 +48,7 @@ class ReportCallback(EpochTimer, Checkpoint):
             gpu_ids=",".join(self.gpu_ids),
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             torch_threads=torch.get_num_threads(),
-            pid=os.getpid(),
+            trial_pid=os.getpid(),  # Tune's own `pid` is its actor's
             server_pid=os.getppid(),  # the node's fork server
             shared_data=self.shared_data,
             reported_at=time.time(),

@@ -57,11 +57,10 @@ def train_trial(config: dict[str, Any], arrays: dict[str, Any] | None = None, da
         # the raylet started this worker: the server lives as long as the node does
         with forkserver.start_trial(request, node_id, os.getppid(), arrays) as trial:
             for message in trial:
-                metrics = {**message["metrics"], "worker_pid": os.getpid()}
                 try:
                     # blocks until Tune took the result; Tune ends this thread here (SystemExit) when ASHA
                     # stops the trial, and leaving the `with` kills the trial process
-                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(message["checkpoint"]))
+                    tune.report(message["metrics"], checkpoint=tune.Checkpoint.from_directory(message["checkpoint"]))
                 finally:
                     shutil.rmtree(message["checkpoint"], ignore_errors=True)
                 trial.go_on()
