@@ -43,7 +43,7 @@ from typing import Any
 PACKAGE = Path(__file__).resolve().parents[1]  # text_recognizer/
 IDLE_SECONDS = 600
 START_TIMEOUT = 300.0
-DATA_KEEP = 2  # datasets kept by the server (a new search brings a new one)
+DATA_KEEP = 1  # datasets the server keeps: a new search brings its own (a search running beside it re-sends its data)
 
 
 class TrialProcessError(RuntimeError):
