@@ -247,7 +247,10 @@ def serve(path: Path, raylet_pid: int) -> None:
     fcntl.flock(lock, fcntl.LOCK_UN)
     print(f"{time.strftime('%F %T')} fork server {os.getpid()} on {path}, node raylet {raylet_pid}", flush=True)
 
-    # bound first, imported second: trials that connect meanwhile wait in the backlog
+    # bound first, imported second: trials that connect meanwhile wait in the backlog. Should an import
+    # ask torch whether CUDA is there, it asks NVML: torch's own check initialises CUDA and so poisons
+    # every fork (each trial process resets its environment to its actor's and initialises CUDA itself)
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     import torch
 
     import text_recognizer.search.trainable  # noqa: F401 - torch, Lightning and the package, for every fork
