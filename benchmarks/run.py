@@ -233,11 +233,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     print(f"benchmark ({label}) on {platform.node()}: {args.cpus} CPUs, torch {torch.__version__}, storage {storage}")
 
-    # per-epoch: the default MLP, one trial of 3 epochs alone on the cluster, vs the plain loop (1 thread each)
+    # per-epoch: the default MLP, one trial of 4 epochs alone on the cluster, vs the plain loop (1 thread each),
+    # which runs before and after ours (their mean: this machine's speed drifts by ~10 % over minutes)
     single = {"fc1": 1024, "fc2": 128, "dropout": 0.5, "lr": 0.001, "batch_size": 128, "optimizer": "Adam"}
-    plain = plain_loop_seconds_per_epoch(arrays, threads=1)
-    ours_one = ours("ours-epoch", storage, data_dir, FASHION_CONFIG, 1, 3, single)
-    recipe_one = recipe("recipe-epoch", storage, data_dir, FASHION_CONFIG, 1, 3, single)
+    plain_before = plain_loop_seconds_per_epoch(arrays, threads=1, epochs=4)
+    ours_one = ours("ours-epoch", storage, data_dir, FASHION_CONFIG, 1, 4, single)
+    plain_after = plain_loop_seconds_per_epoch(arrays, threads=1, epochs=4)
+    plain = (plain_before + plain_after) / 2
+    recipe_one = recipe("recipe-epoch", storage, data_dir, FASHION_CONFIG, 1, 4, single)
     print(
         f"  per-epoch runs done: plain {plain:.2f} s, ours {ours_one['seconds_per_epoch']:.2f} s, "
         f"recipe {recipe_one['seconds_per_epoch']:.2f} s"
@@ -285,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": f"{platform.node()} {args.cpus} CPUs",
         "torch": torch.__version__,
         "plain_loop_seconds_per_epoch": plain,
+        "plain_loop_before_after": [plain_before, plain_after],
         "per_epoch": {"ours": ours_one, "recipe": recipe_one},
         "search": {"ours": ours_search, "recipe": recipe_search},
         "figures": [{"figure": n, "ours": m, "recipe": t, "target": g} for n, m, t, g in figures],
