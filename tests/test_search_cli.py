@@ -180,6 +180,8 @@ CASES = [
     ("resume-missing", no_setup, ["--resume", "--name", "never-ran"], ("--resume", "never-ran")),
     ("resume-without-name", no_setup, ["--resume"], ("--resume", "--name")),
     ("resume-not-a-search", unfinished_folder, [], ("--resume", "half")),
+    ("resume-with-config", no_setup, ["--resume", "--name", "x", "--config", "experiments/smoke.yaml"], ("--resume", "--config")),
+    ("resume-with-changes", no_setup, ["--resume", "--name", "x", "--num-samples", "3", "--fc1=8"], ("--num-samples", "--fc1")),
     ("name-taken", existing_search, [], ("taken", "--resume", "--overwrite")),
 ]
 

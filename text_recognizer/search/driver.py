@@ -150,6 +150,20 @@ def prepare(argv: Sequence[str] | None) -> tuple[argparse.Namespace, SearchConfi
         if not args.name:
             raise UserError("--resume needs the --name of the search to continue")
         _check_name(args.name)
+        given = {
+            "--config": args.config,
+            "--num-samples": args.num_samples is not None,
+            "--smoke-test": args.smoke_test,
+            "--overwrite": args.overwrite,
+            "--wandb-mode": args.wandb_mode,
+            "--wandb-project": args.wandb_project != WANDB_PROJECT,
+        }
+        changes = [flag for flag, value in given.items() if value] + [f"--{key}" for key in overrides]
+        if changes:
+            raise UserError(
+                f"--resume continues the search as it was saved and can't change {', '.join(changes)}: "
+                "drop them, or start a new search under another --name"
+            )
         search_dir = storage / args.name
         if not (search_dir / SEARCH_FILE).is_file() or not (search_dir / "tuner.pkl").is_file():
             raise UserError(f"--resume: no search named {args.name!r} in {storage}")
