@@ -235,12 +235,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # per-epoch: the default MLP, one trial of 4 epochs alone on the cluster, vs the plain loop (1 thread each),
     # which runs before and after ours (their mean: this machine's speed drifts by ~10 % over minutes)
-    single = {"fc1": 1024, "fc2": 128, "dropout": 0.5, "lr": 0.001, "batch_size": 128, "optimizer": "Adam"}
     plain_before = plain_loop_seconds_per_epoch(arrays, threads=1, epochs=4)
-    ours_one = ours("ours-epoch", storage, data_dir, FASHION_CONFIG, 1, 4, single)
+    ours_one = ours("ours-epoch", storage, data_dir, FASHION_CONFIG, 1, 4, DEFAULT_RUN)
     plain_after = plain_loop_seconds_per_epoch(arrays, threads=1, epochs=4)
     plain = (plain_before + plain_after) / 2
-    recipe_one = recipe("recipe-epoch", storage, data_dir, FASHION_CONFIG, 1, 4, single)
+    recipe_one = recipe("recipe-epoch", storage, data_dir, FASHION_CONFIG, 1, 4, DEFAULT_RUN)
     print(
         f"  per-epoch runs done: plain {plain:.2f} s, ours {ours_one['seconds_per_epoch']:.2f} s, "
         f"recipe {recipe_one['seconds_per_epoch']:.2f} s"

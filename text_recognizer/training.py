@@ -197,7 +197,7 @@ def fit(
         log_every_n_steps=args.log_every_n_steps,
         callbacks=[*run_callbacks, *callbacks],
         logger=loggers,
-        # a search trial checkpoints through its Tune report callback (a Checkpoint) only
+        # a search trial checkpoints through its report callback (a Checkpoint) only
         enable_checkpointing=not search or any(isinstance(c, Checkpoint) for c in callbacks),
         # a trial has nobody watching its terminal: no progress bar, summary or sanity check
         enable_progress_bar=not search and os.isatty(2),

@@ -136,10 +136,10 @@ def prepare(argv: Sequence[str] | None) -> tuple[argparse.Namespace, SearchConfi
             raise UserError(f"--{flag.replace('_', '-')} must be {'> 0' if flag == 'cpus_per_trial' else '>= 0'}, got {value}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UserError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
-    local_cluster = not (args.address or os.environ.get("RAY_ADDRESS"))
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    local_cluster = not address
     if local_cluster and os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         raise UserError("RAY_AUTH_MODE=disabled: the local Ray cluster always keeps token authentication on; unset it")
-    address = args.address or os.environ.get("RAY_ADDRESS")
     if address and address != "auto" and "://" not in address:
         _check_reachable(address)
     if local_cluster and not _ray_running():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gc
 import hashlib
 import os
@@ -62,8 +63,10 @@ def private_dir() -> Path:
     return path
 
 
+@functools.cache
 def code_version() -> str:
-    """A hash of the package's source: a server never runs code older than the trial that asks for it."""
+    """A hash of the package's source as this process first saw it (once per actor, not per trial): a
+    server never runs other code than the trial that asks for it."""
     digest = hashlib.sha256()
     for path in sorted(PACKAGE.rglob("*.py")):
         digest.update(str(path.relative_to(PACKAGE)).encode())
