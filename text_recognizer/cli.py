@@ -10,12 +10,12 @@ from text_recognizer.util import UserError, check_versions, fail
 
 def run_experiment(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse run flags, train, test; print test_acc and the best checkpoint. Returns the metrics."""
-    from text_recognizer.training import fit, parse_args
+    from text_recognizer.training import fit_and_test, parse_args
 
     try:
         check_versions()
         args = parse_args(argv)
-        metrics = fit(args)
+        metrics = fit_and_test(args)
     except UserError as error:
         fail(f"run_experiment.py: error: {error}")
     print(f"test_acc={metrics['test_acc']:.4f}")

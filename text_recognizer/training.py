@@ -1,4 +1,8 @@
-"""The one training function: build data, model, LitModel and Trainer from run flags; fit; test."""
+"""Run flags and the one training function.
+
+`train()` builds data, model, LitModel and Trainer from run flags and fits: the single run
+(`fit_and_test`, below) and every search trial (search/trial_process.py) call it, and differ only in
+their callbacks, logger and checkpointing."""
 
 from __future__ import annotations
 
@@ -12,11 +16,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from text_recognizer.data import DATA_CLASSES
-from text_recognizer.data.base_data_module import Arrays
+from text_recognizer.data.base_data_module import Arrays, BaseDataModule
+from text_recognizer.facts import WANDB_PROJECT
 from text_recognizer.lit_models import BaseLitModel
 from text_recognizer.models import MODEL_CLASSES
 from text_recognizer.util import Parser, UserError, positive_int
@@ -28,7 +33,6 @@ SEED = 42
 EARLY_STOPPING_PATIENCE = 10
 MONITOR = "val_loss"  # the lab's metric for early stopping and the best checkpoint of a single run
 LOG_DIR = Path(__file__).resolve().parents[1] / "training" / "logs"
-WANDB_PROJECT = "text-recognizer"
 
 
 def batches(text: str) -> int | float:
@@ -135,6 +139,9 @@ class EpochTimer(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.epoch_seconds.append(time.perf_counter() - self.epoch_start)
 
+    def seconds_per_epoch(self) -> float:
+        return sum(self.epoch_seconds) / max(len(self.epoch_seconds), 1)
+
 
 def epoch_metrics(trainer: pl.Trainer) -> dict[str, float]:
     """The epoch-level metrics Lightning holds now, as floats, plus `diverged` when a loss is not finite."""
@@ -143,16 +150,8 @@ def epoch_metrics(trainer: pl.Trainer) -> dict[str, float]:
     return metrics
 
 
-def fit(
-    args: argparse.Namespace,
-    *,
-    arrays: Arrays | None = None,
-    callbacks: Sequence[Callback] = (),
-    ckpt_path: str | None = None,
-    search: bool = False,
-    trainer_overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train per `args` and return the final metrics; a search trial passes `search=True` (no test, no logs)."""
+def build(args: argparse.Namespace, arrays: Arrays | None = None) -> tuple[BaseDataModule, BaseLitModel]:
+    """The data module, model and LitModel that run flags describe; `arrays` are the decoded data, if at hand."""
     pl.seed_everything(args.seed, workers=True, verbose=False)
     data = DATA_CLASSES[args.data_class](args, arrays=arrays)
     data.prepare_data()  # before the Trainer: missing or corrupt data is a one-line error, not after its banner
@@ -161,29 +160,12 @@ def fit(
     if args.load_checkpoint:
         state = torch.load(args.load_checkpoint, map_location="cpu", weights_only=True)
         lit_model.load_state_dict(state["state_dict"])
+    return data, lit_model
 
-    # a search trial's report callback is an EpochTimer already: time each epoch once
-    timer = next((c for c in callbacks if isinstance(c, EpochTimer)), None)
-    run_callbacks: list[Callback] = [EarlyStopping(monitor=MONITOR, mode="min", patience=EARLY_STOPPING_PATIENCE)]
-    if timer is None:
-        timer = EpochTimer()
-        run_callbacks.append(timer)
-    loggers: list[Logger] | bool = False
-    checkpoint = None
-    if not search:
-        log_dir = Path(args.log_dir)
-        loggers = [CSVLogger(save_dir=log_dir, name=f"{args.data_class}_{args.model_class}")]
-        if args.wandb:
-            loggers.append(
-                WandbLogger(
-                    project=args.wandb_project, save_dir=log_dir, log_model=True, mode=default_wandb_mode(), config=vars(args)
-                )
-            )
-        checkpoint = ModelCheckpoint(
-            monitor=MONITOR, mode="min", filename="epoch={epoch:03d}-val_loss={val_loss:.3f}", auto_insert_metric_name=False
-        )
-        run_callbacks.append(checkpoint)
-    kwargs: dict[str, Any] = dict(
+
+def trainer_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The Trainer arguments that run flags set (callbacks, logger and checkpointing are the caller's)."""
+    return dict(
         max_epochs=args.max_epochs,
         precision=args.precision,
         limit_train_batches=args.limit_train_batches,
@@ -195,34 +177,67 @@ def fit(
         check_val_every_n_epoch=args.check_val_every_n_epoch,
         gradient_clip_val=args.gradient_clip_val,
         log_every_n_steps=args.log_every_n_steps,
-        callbacks=[*run_callbacks, *callbacks],
-        logger=loggers,
-        # a search trial checkpoints through its report callback (a Checkpoint) only
-        enable_checkpointing=not search or any(isinstance(c, Checkpoint) for c in callbacks),
-        # a trial has nobody watching its terminal: no progress bar, summary or sanity check
-        enable_progress_bar=not search and os.isatty(2),
-        enable_model_summary=not search,
-        num_sanity_val_steps=0 if search else 2,
         **device_kwargs(args),
     )
-    kwargs.update(trainer_overrides or {})
-    trainer = pl.Trainer(**kwargs)
-    trainer.fit(lit_model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
 
+
+def train(
+    args: argparse.Namespace,
+    *,
+    callbacks: Sequence[Callback],
+    logger: Logger | list[Logger] | bool,
+    arrays: Arrays | None = None,
+    ckpt_path: str | None = None,
+    **trainer_overrides: Any,
+) -> tuple[pl.Trainer, BaseDataModule, BaseLitModel]:
+    """The one training function: build from the flags, fit (resuming from `ckpt_path`), return what was fit.
+
+    A diverged run (a loss not finite) stops after its epoch: BaseLitModel.stop_if_diverged.
+    """
+    data, lit_model = build(args, arrays)
+    trainer = pl.Trainer(**{**trainer_args(args), "callbacks": list(callbacks), "logger": logger, **trainer_overrides})
+    trainer.fit(lit_model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    return trainer, data, lit_model
+
+
+def run_loggers(args: argparse.Namespace) -> list[Logger]:
+    """A single run logs to CSV, and to W&B with --wandb."""
+    loggers: list[Logger] = [CSVLogger(save_dir=args.log_dir, name=f"{args.data_class}_{args.model_class}")]
+    if args.wandb:
+        run = WandbLogger(
+            project=args.wandb_project, save_dir=args.log_dir, log_model=True, mode=default_wandb_mode(), config=vars(args)
+        )
+        loggers.append(run)
+    return loggers
+
+
+def fit_and_test(args: argparse.Namespace) -> dict[str, Any]:
+    """The single run: train with early stopping and checkpoints of the best val_loss, then test the best.
+
+    Returns the final metrics, the test metrics and the best checkpoint's path.
+    """
+    timer = EpochTimer()
+    checkpoint = ModelCheckpoint(
+        monitor=MONITOR, mode="min", filename="epoch={epoch:03d}-val_loss={val_loss:.3f}", auto_insert_metric_name=False
+    )
+    # divergence is BaseLitModel's to stop, not early stopping's: check_finite off
+    stopping = EarlyStopping(monitor=MONITOR, mode="min", patience=EARLY_STOPPING_PATIENCE, check_finite=False)
+    loggers = run_loggers(args)
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    trainer, data, lit_model = train(
+        args, callbacks=[timer, stopping, checkpoint], logger=loggers, enable_progress_bar=os.isatty(2)
+    )
     metrics = epoch_metrics(trainer)
     metrics.update(
-        epochs=trainer.current_epoch,
-        seconds_per_epoch=sum(timer.epoch_seconds) / max(len(timer.epoch_seconds), 1),
-        first_step_time=timer.first_step_time,
+        epochs=trainer.current_epoch, seconds_per_epoch=timer.seconds_per_epoch(), first_step_time=timer.first_step_time
     )
-    if not search:
-        best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-        (test_metrics,) = trainer.test(lit_model, datamodule=data, ckpt_path=best, weights_only=True, verbose=False)
-        metrics.update(test_metrics, best_model_path=best)
-        for logger in loggers:
-            logger.finalize("success")
-        if args.wandb:
-            import wandb
+    best = checkpoint.best_model_path or None
+    (test_metrics,) = trainer.test(lit_model, datamodule=data, ckpt_path=best, weights_only=True, verbose=False)
+    metrics.update(test_metrics, best_model_path=best)
+    for logger in loggers:
+        logger.finalize("success")
+    if args.wandb:
+        import wandb  # only with --wandb: W&B's import costs a second
 
-            wandb.finish()
+        wandb.finish()
     return metrics

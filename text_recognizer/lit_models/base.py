@@ -98,6 +98,17 @@ class BaseLitModel(pl.LightningModule):
     # report), so those see this epoch's values.
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
+        self.stop_if_diverged()
+
+    def stop_if_diverged(self) -> None:
+        """Stop training after an epoch whose train or val loss is not finite: a diverged run learns nothing more.
+
+        Here, and not in a callback, because Lightning runs plain callbacks' on_train_epoch_end before this
+        hook logs the epoch's train loss.
+        """
+        losses = [value for key, value in self.trainer.callback_metrics.items() if key.endswith("_loss")]
+        if any(not torch.isfinite(value).all() for value in losses):
+            self.trainer.should_stop = True
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")

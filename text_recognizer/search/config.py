@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,9 @@ from text_recognizer.models import MODEL_CLASSES
 from text_recognizer.training import DATA_CLASS, MODEL_CLASS, build_parser
 from text_recognizer.util import UserError
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
-DEFAULT_CONFIG = EXPERIMENTS_DIR / "mlp_asha.yaml"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # shipped with the package; experiments/ links here
+DEFAULT_CONFIG = CONFIGS_DIR / "mlp_asha.yaml"
+SMOKE_CONFIG = CONFIGS_DIR / "smoke.yaml"  # --smoke-test: the one home of the smoke settings
 METRICS = {"val_acc": "max", "val_loss": "min", "train_acc": "max", "train_loss": "min"}
 SAMPLERS = ("choice", "uniform", "loguniform", "randint", "grid")
 # Flags the search itself controls: a trial's epochs are ASHA's max_t, its device is the one Ray gave it.
@@ -34,9 +35,10 @@ NOT_SEARCHABLE = {
 CLASS_FLAGS = {"data_class", "model_class"}  # may be fixed, never sampled: they decide which flags exist
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchConfig:
-    """A validated search config; field names are the YAML keys."""
+    """A validated search config: the YAML's keys, with the scheduler's (max_t, grace_period,
+    reduction_factor) brought up to the top level, and `path`, the file it came from."""
 
     path: str = str(DEFAULT_CONFIG)
     metric: str = "val_acc"
@@ -91,14 +93,19 @@ def _is(value: Any, types: Any) -> bool:
     return isinstance(value, types) and not isinstance(value, bool)  # YAML's true is not a number
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
-    """Read and validate a search config; `overrides` are run args from the command line, fixed for every trial.
-
-    Raises UserError naming the file and the key for every problem.
-    """
-    path = Path(path)
+def resolve_config_path(text: str | Path) -> Path:
+    """A config file: the path given, or the name of a config shipped with the package (e.g. fashion_mlp_asha)."""
+    path = Path(text)
+    shipped = CONFIGS_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if not path.is_file() and path.parent == Path(".") and shipped.is_file():
+        return shipped
     if not path.is_file():
-        raise UserError(f"search config {path}: no such file")
+        known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+        raise UserError(f"search config {path}: no such file (shipped configs: {known})")
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -108,10 +115,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    return raw
 
-    def bad(key: str, message: str) -> UserError:
-        return UserError(f"{path}: {key}: {message}")
 
+def _parse_top_level(raw: dict[str, Any], path: Path, bad: Any) -> SearchConfig:
     for key, value in raw.items():
         if key not in TOP_LEVEL:
             raise bad(key, f"unknown key (known: {', '.join(TOP_LEVEL)})")
@@ -123,8 +130,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
             raise bad(f"scheduler.{key}", f"unknown key (known: {', '.join(SCHEDULER)})")
         if not _is(value, SCHEDULER[key]):
             raise bad(f"scheduler.{key}", f"expected a number, got {type(value).__name__} {value!r}")
-    config = SearchConfig(path=str(path), **{k: v for k, v in raw.items() if k != "scheduler"}, **scheduler)
+    return SearchConfig(path=str(path), **{k: v for k, v in raw.items() if k != "scheduler"}, **scheduler)
 
+
+def _check_settings(config: SearchConfig, bad: Any) -> None:
     if config.metric not in METRICS:
         raise bad("metric", f"unknown metric {config.metric!r} (known: {', '.join(METRICS)})")
     if config.mode not in ("min", "max"):
@@ -139,7 +148,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
     if not config.space:
         raise bad("space", "the search space is empty")
 
-    fixed = {**config.fixed, **(overrides or {})}
+
+def _run_flags(fixed: dict[str, Any], path: Path, bad: Any) -> dict[str, argparse.Action]:
+    """The run flags of the data and model classes that `fixed` chooses, by name."""
     for key in fixed:
         if key in NOT_SEARCHABLE:
             raise bad(f"fixed.{key}", "is set by the search itself" + (" (scheduler.max_t)" if key == "max_epochs" else ""))
@@ -150,11 +161,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
         [f"--data_class={fixed.get('data_class', DATA_CLASS)}", f"--model_class={fixed.get('model_class', MODEL_CLASS)}"],
         prog=str(path),
     )
-    actions = {action.dest: action for action in parser._actions}
-    for key, value in fixed.items():
-        _check_value(actions, key, value, bad, f"fixed.{key}")
-    config.fixed = fixed
-    for key, spec in config.space.items():
+    return {action.dest: action for action in parser._actions}
+
+
+def _check_space(space: dict[str, Any], actions: dict[str, argparse.Action], bad: Any) -> None:
+    for key, spec in space.items():
         name = f"space.{key}"
         if key in NOT_SEARCHABLE or key in CLASS_FLAGS:
             raise bad(name, "cannot be searched" + (": it is scheduler.max_t" if key == "max_epochs" else ""))
@@ -170,9 +181,27 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
                 _check_value(actions, key, item, bad, name)
         else:
             _check_range(actions, key, kind, value, bad, name)
-    for key in overrides or {}:
-        config.space.pop(key, None)  # the command line wins over the config
-    return config
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
+    """Read and validate a search config; `overrides` are run args from the command line, fixed for every trial.
+
+    Raises UserError naming the file and the key for every problem.
+    """
+    path = resolve_config_path(path)
+
+    def bad(key: str, message: str) -> UserError:
+        return UserError(f"{path}: {key}: {message}")
+
+    config = _parse_top_level(_read_yaml(path), path, bad)
+    _check_settings(config, bad)
+    fixed = {**config.fixed, **(overrides or {})}
+    actions = _run_flags(fixed, path, bad)
+    for key, value in fixed.items():
+        _check_value(actions, key, value, bad, f"fixed.{key}")
+    _check_space(config.space, actions, bad)
+    space = {key: spec for key, spec in config.space.items() if key not in (overrides or {})}  # the command line wins
+    return replace(config, fixed=fixed, space=space)
 
 
 def _check_value(actions: dict[str, argparse.Action], key: str, value: Any, bad: Any, name: str) -> None:

@@ -1,22 +1,25 @@
-"""One process per node imports torch and Lightning and holds the data; each trial is a fork of it.
+"""Runs as its own process, one per node: imports what trials need once, holds the data once, forks a trial per request.
 
-A Ray worker that imports torch (CUDA build) and Lightning holds ~430 MB of private memory before it
-trains anything, so every concurrent trial cost ~600 MB. Forked children share those pages (and the
-decoded dataset) copy-on-write with their parent, so an extra trial costs its Tune actor (Ray only,
-no torch) plus what its training writes: ~250 MB in all.
+Opt-in (`--trial-process fork`). A Ray worker that imports torch (CUDA build) and Lightning holds ~430 MB
+of private memory before it trains anything, so every concurrent trial in its own actor costs ~600 MB.
+Forked children share those pages (and the decoded dataset) copy-on-write with their parent, so an extra
+trial costs its Tune actor (Ray only, no torch, ~130 MB) plus what its training writes (~40 MB).
 
-    Tune actor (train_trial, no torch) --unix socket--> fork server (one per node and code version)
-                                                           | fork()
-                                                           v
-                                                        trial process: fit(), one message per epoch
+    Tune actor (tune_actor.train_in_fork) --unix socket--> fork server (one per node and code version)
+                                                              | fork()
+                                                              v
+                                                           trial process: runs the request's target by name
 
-The server is started by the first trial that needs it on a node, in a private (0700) directory; it
-binds its socket before it imports, so concurrent trials wait on the same server. It never touches
-CUDA (a fork after CUDA is initialised is unusable); each trial process initialises its own. It exits
-when its Ray node's raylet is gone, or after IDLE_SECONDS without trials. A trial process exits when
-its Tune actor is gone (watchdog) or when the actor kills it (the trial was stopped).
+The server knows nothing of training: the client names a module to import before forking and a
+"module:function" target that each fork runs as target(connection, request, arrays). It is started by
+the first trial that needs it on a node, in a private (0700) directory; it binds its socket before it
+imports, so concurrent trials wait on the same server. It never touches CUDA (a fork after CUDA is
+initialised is unusable); each trial process initialises its own. It exits when its Ray node's raylet is
+gone, or after IDLE_SECONDS without trials. A trial process exits when its Tune actor is gone
+(watchdog) or when the actor kills it (the trial was stopped). Outside Ray's supervision: Ray's memory
+monitor and `ray stop` don't see it (see the README for when to choose it).
 
-Only the standard library is imported at module level: Tune actors import this module.
+Imports the standard library only: it sits at the bottom of the import graph.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import fcntl
 import functools
 import gc
 import hashlib
+import importlib
 import os
 import signal
 import socket
@@ -64,18 +68,23 @@ def private_dir() -> Path:
 
 
 @functools.cache
-def code_version() -> str:
-    """A hash of the package's source as this process first saw it (once per actor, not per trial): a
-    server never runs other code than the trial that asks for it."""
-    digest = hashlib.sha256()
+def code_version(preload: str) -> str:
+    """A hash of the package's source as this process first saw it (once per actor, not per trial) and of
+    the module the server preloads: a server never runs other code than the trial that asks for it."""
+    digest = hashlib.sha256(preload.encode())
     for path in sorted(PACKAGE.rglob("*.py")):
         digest.update(str(path.relative_to(PACKAGE)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
-def socket_path(node_id: str) -> Path:
-    return private_dir() / f"fs-{node_id[:16]}-{code_version()}.sock"
+def socket_path(node_id: str, preload: str) -> Path:
+    return private_dir() / f"fs-{node_id[:16]}-{code_version(preload)}.sock"
+
+
+def preload_of(target: str) -> str:
+    """The module of a "module:function" target: the server imports it before it forks."""
+    return target.partition(":")[0]
 
 
 # --------------------------------------------------------------------------- client (the Tune actor)
@@ -123,9 +132,9 @@ def _connect(path: Path) -> socket.socket | None:
         return None
 
 
-def connect(node_id: str, raylet_pid: int) -> socket.socket:
-    """A connection to this node's server; starts it when there is none."""
-    path = socket_path(node_id)
+def connect(node_id: str, raylet_pid: int, preload: str) -> socket.socket:
+    """A connection to this node's server that preloads `preload`; starts it when there is none."""
+    path = socket_path(node_id, preload)
     sock = _connect(path)
     if sock is not None:
         return sock
@@ -135,7 +144,7 @@ def connect(node_id: str, raylet_pid: int) -> socket.socket:
         # it daemonizes (forks, and its parent exits at once): Ray kills a worker's children when the
         # worker exits, and the server must outlive the trial that started it
         subprocess.run(
-            [sys.executable, "-m", "text_recognizer.search.forkserver", str(path), str(raylet_pid)],
+            [sys.executable, "-m", "text_recognizer.search.forkserver", str(path), str(raylet_pid), preload],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -159,8 +168,12 @@ def connect(node_id: str, raylet_pid: int) -> socket.socket:
 
 @contextlib.contextmanager
 def start_trial(request: dict[str, Any], node_id: str, raylet_pid: int, arrays: Any) -> Iterator[TrialProcess]:
-    """Run a trial in a fork of this node's server; the trial's stdout and stderr are this process's."""
-    sock = connect(node_id, raylet_pid)
+    """Run request["target"] in a fork of this node's server; the trial's stdout and stderr are this process's.
+
+    `arrays` (numpy arrays, e.g. read-only views of Ray's object store) are sent once per server and data key,
+    straight from their memory.
+    """
+    sock = connect(node_id, raylet_pid, preload_of(request["target"]))
     socket.send_fds(sock, [b"fds"], [sys.stdout.fileno(), sys.stderr.fileno()])
     connection = Connection(sock.detach())
     trial = None
@@ -219,13 +232,12 @@ def _run_child(connection: Connection, fds: list[int], request: dict[str, Any], 
         os.environ.clear()
         os.environ.update(request["env"])  # the actor's: CUDA_VISIBLE_DEVICES from Ray, threads, W&B, ...
         os.chdir(request["cwd"])
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):  # the server's settings are not the trial's
+            signal.signal(signum, signal.SIG_DFL)
         _watch(request["actor_pid"])
         connection.send({"pid": os.getpid()})
-        from text_recognizer.search.trainable import run_trial
-
-        run_trial(connection, request, arrays)
+        module, _, function = request["target"].partition(":")
+        getattr(importlib.import_module(module), function)(connection, request, arrays)
         connection.send({"done": True})
         status = 0
     except BaseException:  # noqa: BLE001 - everything goes back to the actor, which raises it in Tune
@@ -238,7 +250,7 @@ def _run_child(connection: Connection, fds: list[int], request: dict[str, Any], 
         os._exit(status)
 
 
-def serve(path: Path, raylet_pid: int) -> None:
+def serve(path: Path, raylet_pid: int, preload: str) -> None:
     lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115 - held for the server's life
     fcntl.flock(lock, fcntl.LOCK_EX)
     if _connect(path) is not None:
@@ -254,11 +266,7 @@ def serve(path: Path, raylet_pid: int) -> None:
     # ask torch whether CUDA is there, it asks NVML: torch's own check initialises CUDA and so poisons
     # every fork (each trial process resets its environment to its actor's and initialises CUDA itself)
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-    import torch
-
-    import text_recognizer.search.trainable  # noqa: F401 - torch, Lightning and the package, for every fork
-
-    torch.set_num_threads(1)  # never start a thread pool here; each trial sets its own
+    importlib.import_module(preload)  # e.g. torch, Lightning and the package, for every fork
     gc.collect()
     gc.freeze()  # the collector no longer walks these objects, so it doesn't copy their pages into every fork
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # trial processes are reaped by the kernel
@@ -336,4 +344,4 @@ def _accept_trial(sock: socket.socket, listener: socket.socket, datasets: dict[s
 if __name__ == "__main__":
     if os.fork() > 0:
         os._exit(0)  # the caller waits for this; the server goes on in the child, no longer the worker's
-    serve(Path(sys.argv[1]), int(sys.argv[2]))
+    serve(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

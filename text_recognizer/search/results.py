@@ -1,4 +1,7 @@
-"""What a search leaves behind: summary.json, trials.csv, the W&B summary run, and the final report."""
+"""Runs in the driver: the trials from the ResultGrid that `tuner.fit()` returns, summary.json, trials.csv, the report.
+
+Writes files and prints; it logs nothing to W&B (wandb_logging.py does, from the same summary).
+"""
 
 from __future__ import annotations
 
@@ -8,18 +11,18 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
 import pandas as pd
-import torch
-from ray.tune import Callback
+from ray.tune import Callback, Result
 
-from text_recognizer.search.config import SearchConfig
-from text_recognizer.search.trial import CHECKPOINT_NAME
+from text_recognizer.facts import CHECKPOINT_NAME, FINAL_STATUSES, replay_command, resume_command, trial_status
+from text_recognizer.search.spec import SearchSpec
 
 FINAL_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
-FINAL_STATUSES = ("completed", "stopped_early", "diverged", "error")
+ERROR_FILE = "error.txt"  # Tune appends "Failure # N" to it in the trial's folder at every failure
 
 
 class TrialClock(Callback):
@@ -50,124 +53,118 @@ class TrialClock(Callback):
 
 
 def _finite(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
-def trial_status(status: str, last: dict[str, Any], max_t: int) -> str:
-    """A trial's outcome from Tune's status and its last result: completed (ran max_t epochs),
-    stopped_early (by ASHA), diverged, error, or Tune's status lower-cased if unfinished."""
-    if status == "ERROR":
-        return "error"
-    if last.get("diverged"):
-        return "diverged"
-    if status != "TERMINATED":
-        return status.lower()
-    return "completed" if last.get("training_iteration", 0) >= max_t else "stopped_early"
+def _failures(trial_dir: Path) -> int:
+    errors = trial_dir / ERROR_FILE
+    return sum(line.startswith("Failure # ") for line in errors.read_text().splitlines()) if errors.is_file() else 0
 
 
-def collect(search_dir: Path, config: SearchConfig, trial_starts: dict[str, float]) -> tuple[list[dict], dict | None]:
-    """One row per trial from Tune's experiment state, and the best trial (best metric at any epoch)."""
-    from ray.tune import ExperimentAnalysis
-
-    analysis = ExperimentAnalysis(str(search_dir), default_metric=config.metric, default_mode=config.mode)
-    frames = analysis.trial_dataframes
-    rows, best = [], None
+def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float]) -> dict[str, Any]:
+    """One trial: its outcome, epochs, config, final metrics, best metric, start-up, device and failures."""
+    config, last = spec.config, result.metrics or {}
+    frame = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+    history = [value for value in frame.get(config.metric, []) if _finite(value) is not None]
     better = max if config.mode == "max" else min
-    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
-        frame = frames.get(trial.trial_id, pd.DataFrame())
-        history = [v for v in frame.get(config.metric, []) if _finite(v) is not None]
-        last = trial.last_result or {}
-        row = {
-            "trial_id": trial.trial_id,
-            "status": trial_status(trial.status, last, config.max_t),
-            "epochs": int(last.get("training_iteration", 0)),
-            "config": {k: v for k, v in trial.config.items()},
-            **{key: _finite(last.get(key)) for key in FINAL_METRICS},
-            f"best_{config.metric}": better(history) if history else None,
-            "startup_seconds": None,
-            "gpu_ids": last.get("gpu_ids"),
-            "cuda_visible_devices": last.get("cuda_visible_devices"),
-            "failures": trial.num_failures,
-            "error": str(Path(trial.path) / trial.run_metadata.error_filename) if trial.run_metadata.error_filename else None,
-        }
-        if trial.trial_id in trial_starts and len(frame) and "first_step_at" in frame:
-            row["startup_seconds"] = float(frame["first_step_at"].iloc[0]) - trial_starts[trial.trial_id]
+    trial_id = last["trial_id"]
+    row = {
+        "trial_id": trial_id,
+        "status": trial_status(last, config.max_t, error=result.error is not None),
+        "epochs": int(last.get("training_iteration", 0)),
+        "config": dict(result.config or {}),
+        **{key: _finite(last.get(key)) for key in FINAL_METRICS},
+        f"best_{config.metric}": better(history) if history else None,
+        "startup_seconds": None,
+        "gpu_ids": last.get("gpu_ids"),
+        "cuda_visible_devices": last.get("cuda_visible_devices"),
+        "failures": _failures(Path(result.path)),
+        "error": str(Path(result.path) / ERROR_FILE) if result.error is not None else None,
+    }
+    if trial_id in trial_starts and len(frame) and "first_step_at" in frame:
+        row["startup_seconds"] = float(frame["first_step_at"].iloc[0]) - trial_starts[trial_id]
+    return row
+
+
+def best_checkpoint(result: Result, row: dict[str, Any], spec: SearchSpec) -> dict[str, Any] | None:
+    """The trial's best kept checkpoint by the metric, with the metrics Tune recorded with it (not re-read from
+    the result rows: a killed trial process can leave a kept checkpoint without its row)."""
+    metric, better = spec.config.metric, (max if spec.config.mode == "max" else min)
+    kept = [
+        (checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints or [] if _finite(metrics.get(metric)) is not None
+    ]
+    if not kept or row["status"] in ("error", "diverged"):
+        return None
+    checkpoint, metrics = better(kept, key=lambda pair: pair[1][metric])
+    return {
+        "trial_id": row["trial_id"],
+        "metric": metric,
+        "value": float(metrics[metric]),
+        "epoch": int(metrics["training_iteration"]),
+        "config": row["config"],
+        "checkpoint": str(Path(checkpoint.path) / CHECKPOINT_NAME),
+        "metrics": {key: _finite(metrics.get(key)) for key in FINAL_METRICS},
+    }
+
+
+def collect(results: Iterable[Result], spec: SearchSpec, trial_starts: dict[str, float]) -> tuple[list[dict], dict | None]:
+    """One row per trial (by trial id), and the best checkpoint of all trials that neither failed nor diverged."""
+    rows, best = [], None
+    sign = 1 if spec.config.mode == "max" else -1
+    for result in sorted(results, key=lambda r: r.metrics["trial_id"]):
+        row = trial_row(result, spec, trial_starts)
         rows.append(row)
-        value = row[f"best_{config.metric}"]
-        if value is None or row["status"] in ("error", "diverged"):
-            continue
-        if best is None or better(value, best["value"]) == value and value != best["value"]:
-            checkpoint = analysis.get_best_checkpoint(trial, config.metric, config.mode)
-            if checkpoint is None:
-                continue
-            path = str(Path(checkpoint.path) / CHECKPOINT_NAME)
-            epoch = torch.load(path, map_location="cpu", weights_only=True)["epoch"] + 1
-            at_epoch = frame[frame["training_iteration"] == epoch].iloc[-1]
-            best = {
-                "trial_id": trial.trial_id,
-                "metric": config.metric,
-                "value": value,
-                "epoch": epoch,
-                "config": row["config"],
-                "checkpoint": path,
-                "metrics": {key: _finite(at_epoch.get(key)) for key in FINAL_METRICS},
-            }
+        candidate = best_checkpoint(result, row, spec)
+        if candidate and (best is None or sign * candidate["value"] > sign * best["value"]):
+            best = candidate
+    if best:
+        best["replay"] = replay_command(best["config"], best["epoch"])
     return rows, best
 
 
-def write_results(
-    search_dir: Path,
-    name: str,
-    config: SearchConfig,
-    wall_seconds: float,
-    wandb_mode: str,
-    wandb_project: str,
-    trial_starts: dict[str, float],
-) -> dict[str, Any]:
-    """Write summary.json and trials.csv into the search folder, log the W&B summary run; return the summary."""
-    from text_recognizer.search.driver import replay_command
-    from text_recognizer.search.wandb_logging import log_summary_run
-
-    rows, best = collect(search_dir, config, trial_starts)
+def summarize(spec: SearchSpec, rows: list[dict], best: dict | None, wall_seconds: float) -> dict[str, Any]:
+    """The summary of a search (what summary.json holds)."""
     statuses: dict[str, int] = {}
     for row in rows:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
     total_epochs = sum(row["epochs"] for row in rows)
     startups = [row["startup_seconds"] for row in rows if row["startup_seconds"] is not None]
-    if best:
-        best["replay"] = replay_command(best["config"], best["epoch"])
+    interrupted = any(row["status"] not in FINAL_STATUSES for row in rows)
     summary = {
-        "name": name,
-        "interrupted": any(row["status"] not in FINAL_STATUSES for row in rows),
-        "search_dir": str(search_dir),
-        "settings": config.settings(),
-        "space": config.space,
-        "fixed": config.fixed,
+        "name": spec.name,
+        "interrupted": interrupted,
+        "search_dir": str(spec.folder),
+        "settings": spec.config.settings(),
+        "space": spec.config.space,
+        "fixed": spec.config.fixed,
+        "trial_process": spec.trial_process,
         "num_trials": len(rows),
         "statuses": statuses,
         "total_epochs": total_epochs,
-        "epoch_fraction": total_epochs / max(1, len(rows) * config.max_t),
+        "epoch_fraction": total_epochs / max(1, len(rows) * spec.config.max_t),
         "wall_seconds": wall_seconds,
         "startup_seconds_median": statistics.median(startups) if startups else None,
         "best": best,
         "trials": rows,
-        "wandb": {"mode": wandb_mode, "project": wandb_project},
+        "wandb": {"mode": spec.wandb_mode, "project": spec.wandb_project},
     }
-    if wandb_mode != "disabled" and not summary["interrupted"]:  # a resumed search logs it once, at its end
-        log_summary_run(search_dir, name, wandb_project, wandb_mode, summary)
-        if wandb_mode == "offline":
-            summary["wandb"]["sync_command"] = f"wandb sync {shlex.quote(str(search_dir / 'wandb'))}/offline-run-*"
-    if summary["interrupted"]:
-        command = ["python", "search/tune_mlp.py", "--resume", "--name", name, "--storage-path", str(search_dir.parent)]
-        summary["resume_command"] = shlex.join(command)
-    (search_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    flat = [{**{k: v for k, v in row.items() if k != "config"}, **row["config"]} for row in rows]
-    pd.DataFrame(flat).to_csv(search_dir / "trials.csv", index=False)
+    if spec.wandb_mode == "offline" and not interrupted:
+        summary["wandb"]["sync_command"] = f"wandb sync {shlex.quote(str(spec.folder / 'wandb'))}/offline-run-*"
+    if interrupted:
+        summary["resume_command"] = resume_command(spec.name, str(spec.folder.parent))
     return summary
 
 
+def write_results(summary: dict[str, Any], folder: Path) -> None:
+    """summary.json and trials.csv (one row per trial, its config flattened into columns)."""
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    rows = summary["trials"]
+    flat = [{**{k: v for k, v in row.items() if k != "config"}, **row["config"]} for row in rows]
+    pd.DataFrame(flat).to_csv(folder / "trials.csv", index=False)
+
+
 def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdout) -> None:
-    """The ranked table of the best trials, the replay command and the W&B sync command."""
+    """The ranked table of the best trials, the replay command and the W&B sync (or resume) command."""
     settings = summary["settings"]
     key = f"best_{settings['metric']}"
     ranked = sorted(
@@ -181,8 +178,7 @@ def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdou
         f"{summary['total_epochs']} epochs, {summary['wall_seconds']:.0f} s  ->  {summary['search_dir']}",
         file=file,
     )
-    header = f"{'rank':>4}  {'trial':<14}{key:>14}{'epochs':>8}  {'status':<14}" + "".join(f"{k:>12}" for k in searched)
-    print(header, file=file)
+    print(f"{'rank':>4}  {'trial':<14}{key:>14}{'epochs':>8}  {'status':<14}" + "".join(f"{k:>12}" for k in searched), file=file)
     for rank, row in enumerate(ranked[:top], 1):
         values = "".join(f"{_short(row['config'].get(k)):>12}" for k in searched)
         print(f"{rank:>4}  {row['trial_id']:<14}{row[key]:>14.4f}{row['epochs']:>8}  {row['status']:<14}{values}", file=file)
@@ -198,6 +194,8 @@ def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdou
         print("\nNo trial produced a finite metric.", file=file)
     if summary["wandb"].get("sync_command"):
         print(f"W&B runs are offline; upload them with:\n  {summary['wandb']['sync_command']}", file=file)
+    if summary["interrupted"]:
+        print(f"\nThe search was interrupted; its state is saved. Continue it with:\n  {summary['resume_command']}", file=file)
 
 
 def _short(value: Any) -> str:

@@ -1,4 +1,4 @@
-"""W&B for a search: one run per trial (logged from the driver), and one summary run with a table and the model.
+"""Runs in the driver: W&B for a search: one run per trial (a Tune callback), and one summary run with a table and the model.
 
 Logging from the driver, not inside trials, means a trial that ASHA stops, or whose worker dies, still
 ends as one finished W&B run, and runs land in the search's own folder on the driver's storage.
@@ -8,24 +8,21 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
+import wandb
 from ray import tune
+
+from text_recognizer.facts import trial_status, wandb_run_id
+from text_recognizer.search.spec import SearchSpec
 
 # what a trial run's history holds, one row per epoch
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "diverged")
-
-
-def run_id(search_name: str, trial_id: str) -> str:
-    """A stable W&B run id for a trial: the search name and Tune's trial id."""
-    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{search_name}-{trial_id}")[:128]
+SUMMARY_COLUMNS = ("status", "epochs", "val_acc", "val_loss", "train_acc", "train_loss")  # + best_<metric>
 
 
 def _settings() -> Any:
-    import wandb
-
     # no system-metrics sampling or code/git capture in the driver: it hosts many runs at once
     return wandb.Settings(
         silent=True, x_disable_stats=True, x_disable_machine_info=True, disable_git=True, save_code=False, console="off"
@@ -34,47 +31,36 @@ def _settings() -> Any:
 
 def init_run(**kwargs: Any) -> Any:
     """wandb.init for one of several concurrent runs in this process."""
-    import wandb
-
     return wandb.init(reinit="create_new", resume="allow", settings=_settings(), **kwargs)
 
 
 class WandbTrialCallback(tune.Callback):
     """A Tune callback that mirrors every trial into a W&B run: config, per-epoch history, final summary."""
 
-    def __init__(
-        self,
-        search_dir: Path,
-        search_name: str,
-        project: str,
-        mode: str,
-        settings: dict[str, Any],
-        max_t: int,
-        metric: str,
-        metric_mode: str,
-    ) -> None:
-        self.search_dir, self.search_name, self.project, self.mode = Path(search_dir), search_name, project, mode
-        self.settings, self.max_t, self.metric, self.metric_mode = settings, max_t, metric, metric_mode
+    def __init__(self, spec: SearchSpec) -> None:
+        self.spec = spec
+        self.search_dir = Path(spec.folder)
         self.runs: dict[str, Any] = {}
+        self.trials: dict[str, Any] = {}  # the Tune trial of each open run, to finish it if the search is interrupted
         self.logged_epoch: dict[str, int] = {}
         self.best: dict[str, float] = {}
 
     def _run(self, trial: Any) -> Any:
         if trial.trial_id in self.runs:
             return self.runs[trial.trial_id]
-        identifier = run_id(self.search_name, trial.trial_id)
-        earlier = self._take_over_offline_run(identifier, trial) if self.mode == "offline" else []
+        identifier = wandb_run_id(self.spec.name, trial.trial_id)
+        earlier = self._take_over_offline_run(identifier, trial) if self.spec.wandb_mode == "offline" else []
         run = init_run(
-            project=self.project,
+            project=self.spec.wandb_project,
             id=identifier,
             name=str(trial),
-            group=self.search_name,
+            group=self.spec.name,
             job_type="trial",
             dir=str(self.search_dir),
-            mode=self.mode,
-            config={**trial.config, "search": self.settings, "trial_id": trial.trial_id},
+            mode=self.spec.wandb_mode,
+            config={**trial.config, "search": self.spec.config.settings(), "trial_id": trial.trial_id},
         )
-        self.runs[trial.trial_id] = run
+        self.runs[trial.trial_id], self.trials[trial.trial_id] = run, trial
         self.logged_epoch[trial.trial_id] = 0
         for row in earlier:
             self._log(trial, run, row)
@@ -109,9 +95,9 @@ class WandbTrialCallback(tune.Callback):
             return  # a trial restored from an older checkpoint repeats epochs the run already has
         run.log({key: result[key] for key in HISTORY_KEYS if key in result} | {"epoch": epoch}, step=epoch)
         self.logged_epoch[trial.trial_id] = epoch
-        value = result.get(self.metric)
+        value = result.get(self.spec.config.metric)
         if value is not None and math.isfinite(value):
-            better = max if self.metric_mode == "max" else min
+            better = max if self.spec.config.mode == "max" else min
             self.best[trial.trial_id] = better(value, self.best.get(trial.trial_id, value))
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -120,18 +106,17 @@ class WandbTrialCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._log(trial, self._run(trial), result)
 
-    def _finish(self, trial: Any, status: str) -> None:
+    def _finish(self, trial: Any, done: bool, error: bool = False) -> None:
         run = self.runs.pop(trial.trial_id, None)
+        self.trials.pop(trial.trial_id, None)
         if run is None:
             return
-        from text_recognizer.search.results import trial_status
-
-        epochs = self.logged_epoch.get(trial.trial_id, 0)
-        status = trial_status(status, trial.last_result or {}, self.max_t)  # the same outcome as summary.json
+        # the same outcome as summary.json's
+        status = trial_status({**(trial.last_result or {}), "done": done}, self.spec.config.max_t, error=error)
         run.summary.update(
             {
-                f"best_{self.metric}": self.best.get(trial.trial_id),
-                "epochs_trained": epochs,
+                f"best_{self.spec.config.metric}": self.best.get(trial.trial_id),
+                "epochs_trained": self.logged_epoch.get(trial.trial_id, 0),
                 "status": status,
                 "stopped_by_asha": status == "stopped_early",
             }
@@ -139,38 +124,35 @@ class WandbTrialCallback(tune.Callback):
         run.finish(exit_code=1 if status == "error" else 0)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "TERMINATED")
+        self._finish(trial, done=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "ERROR")
+        self._finish(trial, done=False, error=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.finish_all(trials)
+        self.finish_open_runs()
 
-    def finish_all(self, trials: list) -> None:
-        """Finish the runs of trials still running (e.g. after Ctrl-C); --resume takes them over."""
-        for trial in trials:
-            if trial.trial_id in self.runs:
-                self._finish(trial, "INTERRUPTED")
+    def finish_open_runs(self) -> None:
+        """Finish the runs of trials still running (the search was interrupted): --resume takes them over."""
+        for trial in list(self.trials.values()):
+            self._finish(trial, done=False)
 
 
-def log_summary_run(search_dir: Path, search_name: str, project: str, mode: str, summary: dict[str, Any]) -> str:
+def log_summary_run(spec: SearchSpec, summary: dict[str, Any]) -> str:
     """One more run (job_type summary): a table of all trials and the best checkpoint as a model artifact."""
-    import wandb
-
     run = init_run(
-        project=project,
-        id=run_id(search_name, "summary"),
-        name=f"{search_name}-summary",
-        group=search_name,
+        project=spec.wandb_project,
+        id=wandb_run_id(spec.name, "summary"),
+        name=f"{spec.name}-summary",
+        group=spec.name,
         job_type="summary",
-        dir=str(search_dir),
-        mode=mode,
+        dir=str(spec.folder),
+        mode=spec.wandb_mode,
         config={key: summary[key] for key in ("name", "settings", "space")},
     )
-    rows = summary["trials"]
+    rows, best_key = summary["trials"], f"best_{spec.config.metric}"
     columns = sorted({key for row in rows for key in row["config"]})
-    metrics = ["status", "epochs", "val_acc", "val_loss", "best_val_acc", "train_loss", "train_acc"]
+    metrics = [*SUMMARY_COLUMNS, best_key]
     table = wandb.Table(columns=["trial_id", *columns, *metrics])
     for row in rows:
         table.add_data(row["trial_id"], *[row["config"].get(c) for c in columns], *[row.get(m) for m in metrics])
@@ -178,13 +160,13 @@ def log_summary_run(search_dir: Path, search_name: str, project: str, mode: str,
     best = summary.get("best")
     if best and best.get("checkpoint"):
         artifact = wandb.Artifact(
-            f"{run_id(search_name, 'best')}-model",
+            f"{wandb_run_id(spec.name, 'best')}-model",
             type="model",
             metadata={key: best[key] for key in ("trial_id", "config", "metrics")},
         )
         artifact.add_file(best["checkpoint"], name="model.ckpt")
         run.log_artifact(artifact)
-        run.summary.update({"best_trial_id": best["trial_id"], f"best_{summary['settings']['metric']}": best["value"]})
+        run.summary.update({"best_trial_id": best["trial_id"], best_key: best["value"]})
     run.summary.update({"num_trials": summary["num_trials"], "total_epochs": summary["total_epochs"]})
     run.finish()
     return run.dir

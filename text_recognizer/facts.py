@@ -1,0 +1,62 @@
+"""Small facts shared by every process of a run or a search: the standard library only, and nothing of ours.
+
+The driver, Tune's actors, the fork server and trial processes all import this module, so it stays at
+the bottom of the import graph.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any
+
+WANDB_PROJECT = "text-recognizer"  # the one default W&B project, of single runs and searches alike
+CHECKPOINT_NAME = "model.ckpt"  # the file inside every Tune checkpoint folder of a trial
+SEARCH_FILE = "search.json"  # the resolved description of a search, so --resume needs nothing else
+FINAL_STATUSES = ("completed", "stopped_early", "diverged", "error")
+RUN_SCRIPT = "training/run_experiment.py"
+SEARCH_SCRIPT = "search/tune_mlp.py"
+
+
+def config_to_argv(config: dict[str, Any]) -> list[str]:
+    """A trial config (run flag -> value) as run_experiment.py flags."""
+    argv = []
+    for key, value in config.items():
+        if isinstance(value, bool):
+            argv += [f"--{key}"] if value else []
+        elif value is not None:
+            argv.append(f"--{key}={value}")
+    return argv
+
+
+def replay_command(config: dict[str, Any], epochs: int | None = None) -> str:
+    """The run_experiment.py command line that trains a trial's config as a single run."""
+    run_args = {**config, **({"max_epochs": epochs} if epochs else {})}
+    return shlex.join(["python", RUN_SCRIPT, *config_to_argv(run_args)])
+
+
+def resume_command(name: str, storage: str) -> str:
+    """The command line that continues an interrupted search."""
+    return shlex.join(["python", SEARCH_SCRIPT, "--resume", "--name", name, "--storage-path", storage])
+
+
+def trial_status(last: dict[str, Any], max_t: int, error: bool = False) -> str:
+    """A trial's outcome from its last result: completed (ran max_t epochs), stopped_early (by ASHA),
+    diverged, error, interrupted (started, not finished) or pending (never started).
+
+    Tune marks the last result of a finished trial `done` (ASHA's stop included), so no Tune status is needed.
+    """
+    if error:
+        return "error"
+    if last.get("diverged"):
+        return "diverged"
+    if not last.get("training_iteration"):
+        return "pending"
+    if not last.get("done"):
+        return "interrupted"
+    return "completed" if last["training_iteration"] >= max_t else "stopped_early"
+
+
+def wandb_run_id(search_name: str, trial_id: str) -> str:
+    """A stable W&B run id for a trial: the search name and Tune's trial id."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{search_name}-{trial_id}")[:128]

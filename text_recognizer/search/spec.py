@@ -1,0 +1,286 @@
+"""Runs in the driver: the search's flags and config, checked into one frozen description (SearchSpec).
+
+Every check that needs neither Ray nor the data happens here, so bad input is one line and exit 2 before
+anything expensive starts or anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from text_recognizer.facts import SEARCH_FILE, WANDB_PROJECT
+from text_recognizer.search.config import DEFAULT_CONFIG, SMOKE_CONFIG, SearchConfig, load_config
+from text_recognizer.training import build_parser, default_wandb_mode
+from text_recognizer.util import Parser, UserError
+
+STORAGE_PATH = Path("logs") / "search"
+TRIALS_PER_GPU = 4  # small models leave most of a GPU idle: pack four trials onto each one
+MAX_FAILURES = 2  # retries of a trial whose worker died, each from its newest checkpoint
+TRIAL_PROCESSES = ("actor", "fork")  # where a trial trains: its Tune actor (Ray's way), or a fork server's child
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """One search, as checked: who it is, where it lives, what it searches, what each trial gets, where it logs."""
+
+    name: str
+    folder: Path  # <storage>/<name>
+    config: SearchConfig
+    wandb_mode: str  # online | offline | disabled
+    wandb_project: str
+    cpus_per_trial: float | None  # as asked; None: the default for the cluster
+    gpus_per_trial: float | None
+    resources: tuple[float, float] | None = None  # CPUs and GPUs per trial, once checked against the cluster
+    trial_process: str = "actor"
+    address: str | None = None  # a cluster to join; None: start a local one
+    resume: bool = False
+    overwrite: bool = False
+    max_failures: int = MAX_FAILURES
+    max_concurrent: int | None = None
+    top: int = 5
+    quiet: bool = False
+
+    def saved(self) -> dict[str, Any]:
+        """What --resume needs again, written to the search folder's SEARCH_FILE."""
+        return {"config": asdict(self.config), "wandb_mode": self.wandb_mode, "wandb_project": self.wandb_project}
+
+    def fitted_to(self, nodes: list[dict[str, float]]) -> SearchSpec:
+        """This spec with the CPUs and GPUs per trial (as asked, else the default) that fit `nodes` (Ray's
+        resource dicts); UserError when no node can hold one trial."""
+        return replace(self, resources=trial_resources(self.cpus_per_trial, self.gpus_per_trial, nodes))
+
+
+def trial_resources(cpus: float | None, gpus: float | None, nodes: list[dict[str, float]]) -> tuple[float, float]:
+    """CPUs and GPUs per trial: as asked, else 1 CPU and no GPU, or with GPUs TRIALS_PER_GPU trials a GPU
+    sharing the CPUs."""
+    total_cpus = sum(node.get("CPU", 0) for node in nodes)
+    total_gpus = sum(node.get("GPU", 0) for node in nodes)
+    gpus = gpus if gpus is not None else (1 / TRIALS_PER_GPU if total_gpus else 0.0)
+    if cpus is None:
+        cpus = max(1.0, float(int(total_cpus // (total_gpus * TRIALS_PER_GPU)))) if gpus and total_gpus else 1.0
+    if not any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes):
+        most_cpus = max(node.get("CPU", 0) for node in nodes)
+        most_gpus = max(node.get("GPU", 0) for node in nodes)
+        raise UserError(
+            f"a trial asks for {cpus:g} CPUs and {gpus:g} GPUs, but the largest node of the cluster "
+            f"has {most_cpus:g} CPUs and {most_gpus:g} GPUs: lower --cpus-per-trial/--gpus-per-trial"
+        )
+    return cpus, gpus
+
+
+def local_nodes() -> list[dict[str, float]]:
+    """The one node a local cluster will have: this machine's CPUs and GPUs."""
+    import torch  # already imported with the run flags' classes
+
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+
+
+def ray_running() -> bool:
+    """Whether this process is connected to Ray already (a test or a notebook started it); never imports Ray."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def build_search_parser() -> Parser:
+    """The search's own flags; any other --flag=value is a run flag fixed for every trial."""
+    parser = Parser(
+        prog="tune_mlp.py",
+        description="Random search with ASHA early stopping over run_experiment.py flags, on a Ray cluster, "
+        "with every trial logged to W&B. Run flags given here (e.g. --data_class=FashionMNIST) are fixed "
+        "for every trial and win over the config.",
+    )
+    add = parser.add_argument
+    add("--num-samples", type=int, default=None, help="trials to sample (default: the config's num_samples)")
+    add("--config", default=None, help=f"search config: a YAML file or a shipped config's name (default {DEFAULT_CONFIG.stem})")
+    add("--name", default=None, help="search name: its folder under --storage-path and its W&B group (default: config + time)")
+    add(
+        "--storage-path",
+        type=Path,
+        default=STORAGE_PATH,
+        help=f"folder for searches; shared storage on a cluster ({STORAGE_PATH})",
+    )
+    add("--cpus-per-trial", type=float, default=None, help="CPUs per trial, also its torch threads (default 1, or CPUs/(GPUs*4))")
+    add(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help=f"GPUs per trial; fractions pack trials (default 1/{TRIALS_PER_GPU} or 0)",
+    )
+    add(
+        "--trial-process", choices=TRIAL_PROCESSES, default="actor", help="where trials train: their Tune actor (default) or fork"
+    )
+    add("--max-concurrent", type=int, default=None, help="most trials running at once (default: as many as resources allow)")
+    add("--max-failures", type=int, default=MAX_FAILURES, help=f"retries of a failed trial from its checkpoint ({MAX_FAILURES})")
+    add("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
+    add("--resume", action="store_true", help="continue the search --name after a crash or Ctrl-C")
+    add("--overwrite", action="store_true", help="delete an existing search of the same --name and start over")
+    add("--wandb-project", default=WANDB_PROJECT, help=f"W&B project (default {WANDB_PROJECT})")
+    add(
+        "--wandb-mode",
+        choices=("online", "offline", "disabled"),
+        default=None,
+        help="default: online with credentials, else offline",
+    )
+    add("--smoke-test", action="store_true", help=f"a seconds-long search: the shipped {SMOKE_CONFIG.stem} config")
+    add("--top", type=int, default=5, help="trials shown in the final table (default 5)")
+    add("--quiet", action="store_true", help="no Tune progress tables")
+    return parser
+
+
+def parse_run_overrides(flags: list[str]) -> dict[str, Any]:
+    """Run flags given on the search command line, as {flag: value} of exactly those given."""
+    unknown = [flag for flag in flags if not flag.startswith("--")]
+    if unknown:
+        raise UserError(f"unexpected argument {unknown[0]!r}")
+    if not flags:
+        return {}
+    parser = build_parser(flags, prog="tune_mlp.py")
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # keep only what the user typed
+    return vars(parser.parse_args(flags))
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.cpus_per_trial is not None and args.cpus_per_trial <= 0:
+        raise UserError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
+    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
+        raise UserError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UserError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if args.max_failures < 0:
+        raise UserError(f"--max-failures must be >= 0, got {args.max_failures}")
+    if args.smoke_test and args.config:
+        raise UserError("--smoke-test runs the shipped smoke config: drop --config")
+
+
+def check_address(address: str | None) -> None:
+    """UserError for a local cluster without token auth, or an address where nothing listens."""
+    if not address and os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        raise UserError("RAY_AUTH_MODE=disabled: the local Ray cluster always keeps token authentication on; unset it")
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:  # ray.init would retry a dead address for minutes
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as error:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({error})") from None
+
+
+def check_name(name: str) -> None:
+    if not NAME_PATTERN.match(name) or ".." in name:
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only (no path separators or '..')")
+
+
+def prove_storage(storage: Path) -> Path:
+    """The resolved storage folder, proven writable by creating it and a probe file in it (then removing both).
+
+    Asking (os.access) is not proof: as root it says yes under /proc and /sys.
+    """
+    storage = storage.expanduser().resolve()
+    existing = next(path for path in (storage, *storage.parents) if path.exists())
+    if not existing.is_dir():
+        raise UserError(f"--storage-path {storage}: {existing} is not a folder")
+    created = [path for path in (storage, *storage.parents) if not path.exists()]
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        probe = storage / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--storage-path {storage}: is not writable ({error.strerror or error})") from None
+    finally:
+        for path in created:  # deepest first: leave nothing behind
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+    return storage
+
+
+def resumed_spec(args: argparse.Namespace, overrides: dict[str, Any], storage: Path) -> SearchSpec:
+    """The spec of a saved search, after refusing every flag that would change it."""
+    if not args.name:
+        raise UserError("--resume needs the --name of the search to continue")
+    check_name(args.name)
+    given = {
+        "--config": args.config,
+        "--num-samples": args.num_samples is not None,
+        "--smoke-test": args.smoke_test,
+        "--overwrite": args.overwrite,
+        "--wandb-mode": args.wandb_mode,
+        "--wandb-project": args.wandb_project != WANDB_PROJECT,
+    }
+    changes = [flag for flag, value in given.items() if value] + [f"--{key}" for key in overrides]
+    if changes:
+        raise UserError(
+            f"--resume continues the search as it was saved and can't change {', '.join(changes)}: "
+            "drop them, or start a new search under another --name"
+        )
+    folder = storage / args.name
+    if not (folder / SEARCH_FILE).is_file() or not (folder / "tuner.pkl").is_file():
+        raise UserError(f"--resume: no search named {args.name!r} in {storage}")
+    saved = json.loads((folder / SEARCH_FILE).read_text())
+    return _spec(args, folder, SearchConfig(**saved["config"]), saved["wandb_mode"], saved["wandb_project"])
+
+
+def new_spec(args: argparse.Namespace, overrides: dict[str, Any], storage: Path) -> SearchSpec:
+    """The spec of a new search; refuses a name that is taken unless --overwrite."""
+    config = load_config(SMOKE_CONFIG if args.smoke_test else args.config or DEFAULT_CONFIG, overrides)
+    if args.num_samples is not None:
+        config = replace(config, num_samples=args.num_samples)
+    name = args.name or f"{Path(config.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_name(name)
+    if (storage / name).exists() and not args.overwrite:
+        raise UserError(
+            f"a search named {name!r} exists in {storage}: continue it with --resume, "
+            "pick another --name, or start over with --overwrite"
+        )
+    return _spec(args, storage / name, config, args.wandb_mode or default_wandb_mode(), args.wandb_project)
+
+
+def _spec(args: argparse.Namespace, folder: Path, config: SearchConfig, wandb_mode: str, wandb_project: str) -> SearchSpec:
+    return SearchSpec(
+        name=folder.name,
+        folder=folder,
+        config=config,
+        wandb_mode=wandb_mode,
+        wandb_project=wandb_project,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        trial_process=args.trial_process,
+        address=args.address or os.environ.get("RAY_ADDRESS") or None,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        max_failures=args.max_failures,
+        max_concurrent=args.max_concurrent,
+        top=args.top,
+        quiet=args.quiet,
+    )
+
+
+def describe(argv: Sequence[str] | None) -> SearchSpec:
+    """Flags and config checked into one frozen SearchSpec; UserError for anything wrong. Needs no Ray, no data."""
+    args, rest = build_search_parser().parse_known_args(argv)
+    overrides = parse_run_overrides(rest)
+    check_numbers(args)
+    check_address(args.address or os.environ.get("RAY_ADDRESS"))
+    storage = prove_storage(args.storage_path)
+    make = resumed_spec if args.resume else new_spec
+    spec = make(args, overrides, storage)
+    if spec.address is None and not ray_running():
+        spec = spec.fitted_to(local_nodes())  # refuse a trial too large before the data is read and Ray starts
+    return spec

@@ -1,0 +1,130 @@
+"""Runs where a trial trains: its Tune actor (the default), or a fork of the node's fork server (`--trial-process fork`).
+
+`train_trial` is the trial's training: the same `training.train()` as run_experiment.py, with a callback that
+reports each epoch's metrics and a checkpoint. Where the report goes is the caller's: straight to
+`tune.report` in the actor (tune_actor.py), or over the fork server's connection to the actor
+(`run_in_fork`, which the fork server runs by name).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Checkpoint
+
+from text_recognizer.facts import CHECKPOINT_NAME, config_to_argv
+from text_recognizer.training import EpochTimer, epoch_metrics, parse_args, train
+
+# report(metrics, checkpoint folder): returns once Tune took the epoch; the folder is the reporter's to remove
+Report = Callable[[dict[str, Any], str], None]
+
+
+class ReportCallback(EpochTimer, Checkpoint):
+    """Reports the epoch's train and val metrics with a checkpoint, at the end of every epoch.
+
+    At train-epoch end Lightning has already validated, so one report carries both, and ASHA decides
+    at every epoch. Being a Checkpoint callback, it runs after LightningModule.on_train_epoch_end, where
+    the epoch's metrics are logged.
+    """
+
+    def __init__(self, report: Report, started: float, gpu_ids: list[str], arrays: dict[str, np.ndarray] | None) -> None:
+        super().__init__()
+        self.report, self.started, self.gpu_ids, self.arrays = report, started, gpu_ids, arrays
+        self.data_copied = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.data_copied = data_copied(self.arrays, trainer.datamodule.tensors)  # set up by now
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        metrics = epoch_metrics(trainer)
+        metrics.update(
+            epoch=trainer.current_epoch + 1,
+            epoch_seconds=self.epoch_seconds[-1],
+            trial_started_at=self.started,
+            first_step_at=self.first_step_time,
+            startup_seconds=self.first_step_time - self.started,
+            gpu_ids=",".join(self.gpu_ids),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            torch_threads=torch.get_num_threads(),
+            trial_pid=os.getpid(),  # the process that trains: the actor's, or a fork's (Tune's `pid` is the actor's)
+            data_copied=self.data_copied,
+            reported_at=time.time(),
+            gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
+        )
+        directory = tempfile.mkdtemp(prefix="trial-ckpt-")
+        trainer.save_checkpoint(os.path.join(directory, CHECKPOINT_NAME))
+        self.report(metrics, directory)
+
+
+def data_copied(arrays: dict[str, np.ndarray] | None, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether training works on a copy of the arrays it was given, rather than on the shared, read-only arrays."""
+    if not arrays:
+        return True
+    array = arrays["x_train"]
+    return array.flags.writeable or tensors["x_train"].data_ptr() != array.ctypes.data
+
+
+def train_trial(
+    config: dict[str, Any],
+    arrays: dict[str, np.ndarray] | None,
+    report: Report,
+    *,
+    checkpoint: str | None,
+    threads: int,
+    gpu_ids: list[str],
+    started: float,
+) -> None:
+    """Train one trial (its config parsed as run_experiment.py would), resuming from `checkpoint` if given."""
+    torch.set_num_threads(threads)  # as many threads as CPUs given, so trials don't fight over cores
+    args = parse_args(config_to_argv(config), prog="trial")
+    # CUDA_VISIBLE_DEVICES is the trial's GPU, so cuda:0 is the one it was given. Without a real GPU
+    # behind the ids (Ray told of GPUs on a CPU machine) the trial trains on the CPU.
+    on_gpu = bool(gpu_ids) and torch.cuda.is_available()
+    train(
+        args,
+        arrays=arrays,
+        callbacks=[ReportCallback(report, started, gpu_ids, arrays)],
+        logger=False,  # the driver logs every trial (search/wandb_logging.py)
+        ckpt_path=checkpoint,
+        accelerator="gpu" if on_gpu else "cpu",
+        devices=1,
+        enable_checkpointing=True,  # through the report callback only
+        # nobody watches a trial's terminal: no progress bar, summary or sanity check
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def release_memory() -> None:
+    """Give a finished trial's memory back, so a reused actor stays the size of one trial.
+
+    Each trial runs in a new thread of a reused actor; glibc keeps what a thread freed in that thread's
+    arena, and without a trim an actor grew by ~10 MB per trial.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
+def run_in_fork(connection: Connection, request: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """The fork server's target (named in tune_actor.py): train, sending each epoch to the Tune actor."""
+
+    def report(metrics: dict[str, Any], directory: str) -> None:
+        connection.send({"metrics": metrics, "checkpoint": directory})  # the actor removes the folder
+        connection.recv()  # Tune took it: go on (EOFError when the actor is gone ends the process)
+
+    train_trial(request["config"], arrays, report, **request["trial"])

@@ -1,0 +1,97 @@
+"""Runs in Tune's trial actors: the trainables that Tune calls, one call per trial, resuming from Tune's checkpoint.
+
+- `train_in_actor` (the default): the trial trains right here, in the reused actor, on the dataset that Ray's
+  object store hands over without a copy.
+- `train_in_fork` (`--trial-process fork`): the trial trains in a fork of the node's fork server, which
+  imported torch and Lightning once and holds the dataset once; this actor relays each epoch to Tune.
+
+Imports Ray and the standard library only, so that a fork-mode actor never loads torch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import ray
+from ray import tune
+
+from text_recognizer.facts import CHECKPOINT_NAME
+from text_recognizer.search import forkserver
+
+# what the fork server runs, by name, and imports once before it forks (torch, Lightning, the package)
+FORK_TARGET = "text_recognizer.search.trial_process:run_in_fork"
+
+
+@contextmanager
+def restored_checkpoint() -> Iterator[str | None]:
+    """The model file of the checkpoint Tune restores this trial from, or None for a fresh trial."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as directory:
+        yield os.path.join(directory, CHECKPOINT_NAME)
+
+
+def trial_settings(checkpoint: str | None, started: float) -> dict[str, Any]:
+    """What the training needs to know of this actor: its checkpoint, CPUs (as threads) and GPUs."""
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    # Ray set CUDA_VISIBLE_DEVICES to these GPUs in this process's environment
+    return {
+        "checkpoint": checkpoint,
+        "threads": max(1, int(cpus)),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        "started": started,
+    }
+
+
+def report(metrics: dict[str, Any], directory: str) -> None:
+    """Hand one epoch to Tune; blocks until Tune took it. When ASHA stops the trial, Tune ends this thread here."""
+    try:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def train_in_actor(config: dict[str, Any], arrays: dict[str, Any] | None = None) -> None:
+    """Tune function trainable: the trial trains in this actor."""
+    started = time.time()
+    # torch and Lightning: once per actor, which Tune reuses for the next trial
+    from text_recognizer.search import trial_process
+
+    try:
+        with restored_checkpoint() as checkpoint:
+            trial_process.train_trial(config, arrays, report, **trial_settings(checkpoint, started))
+    finally:
+        trial_process.release_memory()
+
+
+def train_in_fork(config: dict[str, Any], arrays: dict[str, Any] | None = None, data_key: str = "") -> None:
+    """Tune function trainable: the trial trains in a fork of this node's fork server; epochs come back here.
+
+    The trial process waits for Tune to take an epoch before it trains the next (ASHA decides in between).
+    """
+    started = time.time()
+    with restored_checkpoint() as checkpoint:
+        request = {
+            "target": FORK_TARGET,
+            "data_key": data_key,
+            "env": dict(os.environ),  # CUDA_VISIBLE_DEVICES from Ray, W&B settings, ...
+            "cwd": os.getcwd(),
+            "actor_pid": os.getpid(),
+            "config": config,
+            "trial": trial_settings(checkpoint, started),
+        }
+        node_id = ray.get_runtime_context().get_node_id()
+        # the raylet started this worker: the server lives as long as the node does
+        with forkserver.start_trial(request, node_id, os.getppid(), arrays) as trial:
+            for message in trial:
+                report(message["metrics"], message["checkpoint"])  # leaving the `with` early kills the trial process
+                trial.go_on()
+    sys.stdout.flush()
