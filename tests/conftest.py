@@ -1,8 +1,13 @@
-"""Shared fixtures: tiny IDX datasets written by the tests, and the real Fashion-MNIST in a temp data dir."""
+"""Shared fixtures and helpers: tiny IDX datasets, the real Fashion-MNIST, and the one fixture that launches a search."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 from text_recognizer.data.mnist import FashionMNIST  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "search" / "tune_mlp.py"
+TRIAL_PROCESSES = ["actor", "fork"]  # every end-to-end and reliability test runs in both
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -54,3 +61,64 @@ def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = tmp_path_factory.mktemp("fashion")
     FashionMNIST.ensure_raw_files(data_dir)
     return data_dir
+
+
+# --- searches: one way to launch them, and what they leave behind -------------------------------------------------
+
+Launch = Callable[..., "subprocess.Popen[str]"]
+
+
+@pytest.fixture(scope="session")
+def launch_search(fashion_dir: Path) -> Launch:
+    """Start the real search on real Fashion-MNIST, quiet, W&B offline; returns the running process.
+
+    launch_search(storage, name, config_text, *flags, env=None, prelude="") writes the config (None: no
+    --config, e.g. with --smoke-test) and runs `python search/tune_mlp.py` from the repo root; with a
+    `prelude` (e.g. a ray.init that declares GPUs) it runs the same entry point after that code instead.
+    A --resume gets only the flags given: it takes everything else from the saved search.
+    """
+
+    def launch(
+        storage: Path, name: str, config: str | None, *flags: str, env: dict | None = None, prelude: str = ""
+    ) -> subprocess.Popen[str]:
+        args = ["--storage-path", str(storage), "--name", name, "--quiet", *flags]
+        if config is not None:
+            (storage / f"{name}.yaml").write_text(config)
+            args += ["--config", str(storage / f"{name}.yaml")]
+        if "--resume" not in flags:
+            args += [f"--data_dir={fashion_dir}", "--wandb-mode", "offline"]
+        code = f"import sys\n{prelude}\nfrom text_recognizer.cli import tune_mlp\ntune_mlp(sys.argv[1:])\n"
+        command = [sys.executable, "-c", code, *args] if prelude else [sys.executable, str(SCRIPT), *args]
+        environment = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+
+    return launch
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 300, returncode: int = 0) -> str:
+    """Wait for a launched search; assert its exit status; return its stdout."""
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == returncode, stderr[-3000:]
+    return stdout
+
+
+def summary_of(search_dir: Path) -> dict:
+    return json.loads((search_dir / "summary.json").read_text())
+
+
+def complete_lines(path: Path) -> list[dict]:
+    """The JSON lines of a file another process may be writing: a last line without its newline is not there yet."""
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+def results(search_dir: Path) -> dict[str, list[dict]]:
+    """Tune's per-trial results (result.json), as the driver wrote them, by trial id."""
+    return {path.parent.name.removeprefix("trial_"): complete_lines(path) for path in search_dir.glob("trial_*/result.json")}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 180, poll: float = 0.3) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(poll)

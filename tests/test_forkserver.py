@@ -15,11 +15,12 @@ import pytest
 
 from text_recognizer.data.mnist import MNIST
 from text_recognizer.search import forkserver
+from text_recognizer.search.tune_actor import FORK_TARGET
 
 
 @pytest.fixture(scope="module")
 def arrays(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from tests.conftest import write_tiny_mnist
+    from conftest import write_tiny_mnist
 
     data_dir = tmp_path_factory.mktemp("data")
     write_tiny_mnist(data_dir, "MNIST", n_train=600, n_test=100)
@@ -32,17 +33,16 @@ def node_id() -> str:
     return f"test{uuid.uuid4().hex}"
 
 
-def request(tmp_path: Path, key: str, **config) -> dict:
+def request(tmp_path: Path, key: str, target: str = FORK_TARGET, **config) -> dict:
+    """What tune_actor.train_in_fork sends: the target by name, the actor's environment, the trial's config."""
     return {
-        "config": {"data_class": "MNIST", "max_epochs": 3, "fc1": 32, "fc2": 16, **config},
+        "target": target,
         "data_key": key,
-        "threads": 1,
-        "gpu_ids": [],
         "env": dict(os.environ),
         "cwd": str(tmp_path),
-        "checkpoint": None,
-        "started": time.time(),
         "actor_pid": os.getpid(),
+        "config": {"data_class": "MNIST", "max_epochs": 3, "fc1": 32, "fc2": 16, **config},
+        "trial": {"checkpoint": None, "threads": 1, "gpu_ids": [], "started": time.time()},
     }
 
 
@@ -57,7 +57,7 @@ def test_trials_are_forks_sharing_the_servers_memory(tmp_path: Path, arrays: dic
         # torch, Lightning and the data are the server's pages: the fork's own memory is a fraction of them
         assert server_memory.rss > 300 * 2**20
         assert trial_memory.uss < 150 * 2**20 and trial_memory.uss < server_memory.rss / 3
-        assert message["metrics"]["epoch"] == 1 and message["metrics"]["shared_data"]
+        assert message["metrics"]["epoch"] == 1 and not message["metrics"]["data_copied"]
         assert (Path(message["checkpoint"]) / "model.ckpt").is_file()
         first.go_on()
         epochs = [message["metrics"]["epoch"]]
@@ -105,3 +105,24 @@ def test_the_socket_directory_must_be_private(monkeypatch: pytest.MonkeyPatch) -
             forkserver.private_dir()
     finally:
         shutil.rmtree(base)
+
+
+def test_the_trial_process_sees_its_subprocesses_exit_status(tmp_path: Path, arrays: dict, node_id: str) -> None:
+    """The server ignores SIGCHLD (the kernel reaps its forks); a trial process must not inherit that."""
+    target = "forkserver_targets:exit_status_of_a_subprocess"
+    with forkserver.start_trial(request(tmp_path, "sigchld", target), node_id, os.getpid(), arrays) as trial:
+        message = next(iter(trial))
+        trial.go_on()
+    assert message["metrics"]["status"] == 3
+
+
+def test_the_server_keeps_one_read_only_copy_and_forks_use_it(tmp_path: Path, arrays: dict, node_id: str) -> None:
+    """Sent once per data key; every fork sees the same read-only arrays at the same addresses (no copies)."""
+    target = "forkserver_targets:where_the_arrays_are"
+    seen = []
+    for _ in range(2):
+        with forkserver.start_trial(request(tmp_path, "where", target), node_id, os.getpid(), arrays) as trial:
+            seen.append(next(iter(trial))["metrics"])
+            trial.go_on()
+    assert seen[0] == seen[1] and set(seen[0]) == set(arrays)
+    assert not any(writeable for _, writeable in seen[0].values())

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+import pytest
+from conftest import TRIAL_PROCESSES, finish, results, summary_of, wait_for
 
 from text_recognizer.search.wandb_files import offline_runs
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("mode", TRIAL_PROCESSES)]  # each test in both trial modes
 
 CONFIG = """
 metric: val_acc
@@ -25,59 +24,13 @@ space:
 """
 
 
-def start_search(tmp: Path, name: str, data_dir: Path, *extra: str, config: str = CONFIG) -> subprocess.Popen:
-    (tmp / f"{name}.yaml").write_text(config)
-    command = [
-        sys.executable,
-        "search/tune_mlp.py",
-        "--config",
-        str(tmp / f"{name}.yaml"),
-        "--storage-path",
-        str(tmp),
-        "--name",
-        name,
-        f"--data_dir={data_dir}",
-        "--wandb-mode",
-        "offline",
-        "--quiet",
-        *extra,
-    ]
-    return subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "offline"}
-    )
-
-
-def results(search_dir: Path) -> dict[str, list[dict]]:
-    """Tune's per-trial results, as the driver wrote them."""
-    return {path.parent.name.removeprefix("trial_"): complete_lines(path) for path in search_dir.glob("trial_*/result.json")}
-
-
-def complete_lines(path: Path) -> list[dict]:
-    """The JSON lines of a file another process may be writing: a last line without its newline is not there yet."""
-    text = path.read_text()
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
-
-
-def wait_for(condition, timeout: float = 180, poll: float = 0.3) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, "timed out"
-        time.sleep(poll)
-
-
-def resume(tmp: Path, name: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "search/tune_mlp.py", "--resume", "--name", name, "--storage-path", str(tmp), "--quiet"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def resume(launch_search, tmp: Path, name: str) -> str:
+    return finish(launch_search(tmp, name, None, "--resume"))
 
 
 def check_finished_search(search_dir: Path, trials: int, epochs: int) -> dict:
     """Every trial final and complete; one W&B run per trial with one history row per epoch, no gap or duplicate."""
-    summary = json.loads((search_dir / "summary.json").read_text())
+    summary = summary_of(search_dir)
     assert summary["num_trials"] == trials and not summary["interrupted"]
     assert summary["statuses"] == {"completed": trials}
     assert summary["total_epochs"] == trials * epochs
@@ -96,8 +49,8 @@ def check_finished_search(search_dir: Path, trials: int, epochs: int) -> dict:
     return summary
 
 
-def test_driver_killed_then_resumed(tmp_path: Path, fashion_dir: Path) -> None:
-    search = start_search(tmp_path, "killed", fashion_dir, "--num-samples", "4", "--max-concurrent", "2")
+def test_driver_killed_then_resumed(tmp_path: Path, launch_search, mode: str) -> None:
+    search = launch_search(tmp_path, "killed", CONFIG, "--num-samples", "4", "--max-concurrent", "2", "--trial-process", mode)
     search_dir = tmp_path / "killed"
     # kill as soon as a trial has checkpointed two epochs; epochs take well under a second here, so a trial
     # may have finished already (seen in CI: 3 and 5 epochs) - the test needs one killed half-way
@@ -108,8 +61,7 @@ def test_driver_killed_then_resumed(tmp_path: Path, fashion_dir: Path) -> None:
     halfway = {trial_id: done for trial_id, done in before.items() if 0 < done < 5}
     assert halfway and sum(before.values()) < 4 * 5, before
 
-    resumed = resume(tmp_path, "killed")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resume(launch_search, tmp_path, "killed")
     check_finished_search(search_dir, trials=4, epochs=5)
     after = results(search_dir)
     for trial_id, done in halfway.items():
@@ -121,34 +73,33 @@ def test_driver_killed_then_resumed(tmp_path: Path, fashion_dir: Path) -> None:
     assert len(list((search_dir / "wandb" / "superseded").iterdir())) >= len(halfway)
 
 
-def test_ctrl_c_saves_state_finishes_runs_and_prints_resume(tmp_path: Path, fashion_dir: Path) -> None:
-    search = start_search(tmp_path, "interrupted", fashion_dir, "--num-samples", "4", "--max-concurrent", "2")
+def test_ctrl_c_saves_state_finishes_runs_and_prints_resume(tmp_path: Path, launch_search, mode: str) -> None:
+    search = launch_search(
+        tmp_path, "interrupted", CONFIG, "--num-samples", "4", "--max-concurrent", "2", "--trial-process", mode
+    )
     search_dir = tmp_path / "interrupted"
     wait_for(lambda: sum(len(rows) >= 2 for rows in results(search_dir).values()) >= 2)
     search.send_signal(signal.SIGINT)
-    stdout, stderr = search.communicate(timeout=120)
-    assert search.returncode == 130, stderr[-3000:]
+    stdout = finish(search, timeout=120, returncode=130)
     command = f"python search/tune_mlp.py --resume --name interrupted --storage-path {tmp_path}"
     assert command in stdout
-    summary = json.loads((search_dir / "summary.json").read_text())
+    summary = summary_of(search_dir)
     assert summary["interrupted"] and summary["resume_command"] == command
     runs = offline_runs(search_dir)
     assert runs and all(run.exit_code == 0 and run.summary["status"] == "interrupted" for run in runs)
 
-    resumed = resume(tmp_path, "interrupted")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resume(launch_search, tmp_path, "interrupted")
     check_finished_search(search_dir, trials=4, epochs=5)
 
 
-def test_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path, fashion_dir: Path) -> None:
-    search = start_search(tmp_path, "worker", fashion_dir, "--num-samples", "2", "--max-concurrent", "1")
+def test_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path, launch_search, mode: str) -> None:
+    search = launch_search(tmp_path, "worker", CONFIG, "--num-samples", "2", "--max-concurrent", "1", "--trial-process", mode)
     search_dir = tmp_path / "worker"
     wait_for(lambda: any(len(rows) >= 2 for rows in results(search_dir).values()))
     trial_id, rows = next((t, r) for t, r in results(search_dir).items() if len(r) >= 2)
-    os.kill(rows[0]["trial_pid"], signal.SIGKILL)  # the process that trains (the OOM killer's pick)
-    stdout, stderr = search.communicate(timeout=300)
-    assert search.returncode == 0, stderr[-3000:]
-    summary = json.loads((search_dir / "summary.json").read_text())
+    os.kill(rows[0]["trial_pid"], signal.SIGKILL)  # the process that trains (the OOM killer's pick): actor or fork
+    finish(search)
+    summary = summary_of(search_dir)
     assert summary["statuses"] == {"completed": 2} and summary["total_epochs"] == 10
     row = next(r for r in summary["trials"] if r["trial_id"] == trial_id)
     assert row["failures"] == 1 and row["status"] == "completed" and row["epochs"] == 5
@@ -176,30 +127,10 @@ space:
 """
 
 
-def test_diverging_trial_is_a_result_and_no_secret_is_written(tmp_path: Path, fashion_dir: Path) -> None:
+def test_diverging_trial_is_a_result_and_no_secret_is_written(tmp_path: Path, launch_search, mode: str) -> None:
     key = "dummy0wandb0api0key0that0must0never0be0written0anywhere"
-    (tmp_path / "diverge.yaml").write_text(DIVERGING)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "search/tune_mlp.py",
-            "--config",
-            str(tmp_path / "diverge.yaml"),
-            "--storage-path",
-            str(tmp_path),
-            "--name",
-            "diverge",
-            f"--data_dir={fashion_dir}",
-            "--quiet",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "WANDB_API_KEY": key, "WANDB_MODE": "offline"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "diverge" / "summary.json").read_text())
+    finish(launch_search(tmp_path, "diverge", DIVERGING, "--trial-process", mode, env={"WANDB_API_KEY": key}))
+    summary = summary_of(tmp_path / "diverge")
     status = {row["config"]["lr"]: row for row in summary["trials"]}
     assert status[1e6]["status"] == "diverged" and status[1e6]["epochs"] < 3
     assert status[0.05]["status"] == "completed" and status[0.05]["epochs"] == 3

@@ -1,8 +1,7 @@
-"""End-to-end searches on a real local Ray cluster, with real W&B offline files read back."""
+"""End-to-end searches on a real local Ray cluster, with real W&B offline files read back, in both trial modes."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -15,12 +14,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, TRIAL_PROCESSES, finish, results, summary_of
 
 from text_recognizer.data import FashionMNIST
 from text_recognizer.search.wandb_files import offline_runs
-from text_recognizer.training import fit, parse_args
+from text_recognizer.training import fit_and_test, parse_args
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # minutes: real Ray searches
 
 SEARCH_YAML = """
 metric: val_acc
@@ -36,39 +36,14 @@ space:
 """
 
 
-def run_search_process(args: list[str], prelude: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run tune_mlp in a fresh Python process (its own Ray cluster), after `prelude` (e.g. a ray.init)."""
-    code = f"import sys\n{prelude}\nfrom text_recognizer.cli import tune_mlp\ntune_mlp(sys.argv[1:])\n"
-    result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def search(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> tuple[Path, dict, str]:
-    """A 6-trial ASHA search on real Fashion-MNIST (8 batches per epoch), run once for this module."""
+@pytest.fixture(scope="module", params=TRIAL_PROCESSES)
+def search(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, launch_search) -> tuple[Path, dict, str]:
+    """A 6-trial ASHA search on real Fashion-MNIST (8 batches per epoch), run once per trial mode."""
     tmp = tmp_path_factory.mktemp("search")
-    config = tmp / "search.yaml"
-    config.write_text(SEARCH_YAML)
     # one trial at a time makes ASHA's decisions independent of timing: later trials meet full rungs
-    args = [
-        "--config",
-        str(config),
-        "--num-samples",
-        "6",
-        "--storage-path",
-        str(tmp),
-        "--name",
-        "e2e",
-        "--max-concurrent",
-        "1",
-        f"--data_dir={fashion_dir}",
-        "--wandb-mode",
-        "offline",
-        "--quiet",
-    ]
-    result = run_search_process(args)
-    return tmp / "e2e", json.loads((tmp / "e2e" / "summary.json").read_text()), result.stdout
+    flags = ["--num-samples", "6", "--max-concurrent", "1", "--trial-process", request.param]
+    stdout = finish(launch_search(tmp, "e2e", SEARCH_YAML, *flags))
+    return tmp / "e2e", summary_of(tmp / "e2e"), stdout
 
 
 def test_summary_lists_every_trial_and_asha_stopped_some(search: tuple[Path, dict, str]) -> None:
@@ -93,18 +68,17 @@ def test_summary_lists_every_trial_and_asha_stopped_some(search: tuple[Path, dic
 def test_each_trial_reported_every_epoch_with_its_threads(search: tuple[Path, dict, str]) -> None:
     search_dir, summary, _ = search
     for row in summary["trials"]:
-        lines = (search_dir / f"trial_{row['trial_id']}" / "result.json").read_text().splitlines()
-        results = [json.loads(line) for line in lines]
-        assert [r["training_iteration"] for r in results] == list(range(1, row["epochs"] + 1))
-        assert [r["epoch"] for r in results] == list(range(1, row["epochs"] + 1))
-        assert all({"val_loss", "val_acc", "train_loss", "train_acc"} <= set(r) for r in results)
-        assert all(r["torch_threads"] == 1 for r in results)  # 1 CPU per trial -> 1 torch thread
-        assert all(r["shared_data"] for r in results)  # the dataset is the fork server's, shared by its forks
-    # every trial trained in its own fork of the node's one fork server, not in its Tune actor
-    paths = [search_dir / f"trial_{row['trial_id']}" / "result.json" for row in summary["trials"]]
-    rows = [json.loads(path.read_text().splitlines()[0]) for path in paths]
-    assert len({r["server_pid"] for r in rows}) == 1
-    assert len({r["trial_pid"] for r in rows}) == len(rows) and all(r["trial_pid"] != r["pid"] for r in rows)
+        reports = results(search_dir)[row["trial_id"]]
+        assert [r["training_iteration"] for r in reports] == list(range(1, row["epochs"] + 1))
+        assert [r["epoch"] for r in reports] == list(range(1, row["epochs"] + 1))
+        assert all({"val_loss", "val_acc", "train_loss", "train_acc"} <= set(r) for r in reports)
+        assert all(r["torch_threads"] == 1 for r in reports)  # 1 CPU per trial -> 1 torch thread
+        assert not any(r["data_copied"] for r in reports)  # trained on the shared, read-only arrays themselves
+    firsts = [rows[0] for rows in results(search_dir).values()]
+    if summary["trial_process"] == "fork":  # every trial in its own fork, not in its Tune actor
+        assert len({r["trial_pid"] for r in firsts}) == len(firsts) and all(r["trial_pid"] != r["pid"] for r in firsts)
+    else:  # in its (reused) Tune actor: one at a time, so one actor served them all
+        assert all(r["trial_pid"] == r["pid"] for r in firsts) and len({r["pid"] for r in firsts}) == 1
 
 
 def test_wandb_offline_runs_read_back(search: tuple[Path, dict, str]) -> None:
@@ -172,52 +146,33 @@ def test_printed_report_and_replay_command_runs(search: tuple[Path, dict, str], 
     assert result.returncode == 0, result.stderr[-2000:]
     assert "test_acc=" in result.stdout
     # the replayed run trains the same config for the same epochs as the trial
-    replay_val = fit(parse_args([*replay[2:], f"--data_dir={fashion_dir}", f"--log_dir={tmp_path}"]))["val_acc"]
+    replay_val = fit_and_test(parse_args([*replay[2:], f"--data_dir={fashion_dir}", f"--log_dir={tmp_path}"]))["val_acc"]
     assert replay_val == pytest.approx(best["metrics"]["val_acc"], abs=0.02)
 
 
-def test_gpu_packing_with_gpus_declared_to_ray(tmp_path: Path, fashion_dir: Path) -> None:
+@pytest.mark.parametrize("trial_process", TRIAL_PROCESSES)
+def test_gpu_packing_with_gpus_declared_to_ray(tmp_path: Path, launch_search, trial_process: str) -> None:
     """Two GPUs declared to Ray on this CPU machine, half a GPU per trial: four trials run at once, two per GPU."""
-    config = tmp_path / "gpu.yaml"
     # long enough trials, never stopped early, so that four workers that start one by one overlap
-    config.write_text(
-        SEARCH_YAML.replace("limit_train_batches: 8", "limit_train_batches: 200").replace("grace_period: 1", "grace_period: 4")
+    config = SEARCH_YAML.replace("limit_train_batches: 8", "limit_train_batches: 200").replace(
+        "grace_period: 1", "grace_period: 4"
     )
-    args = [
-        "--config",
-        str(config),
-        "--num-samples",
-        "4",
-        "--storage-path",
-        str(tmp_path),
-        "--name",
-        "gpus",
-        "--gpus-per-trial",
-        "0.5",
-        "--cpus-per-trial",
-        "1",
-        f"--data_dir={fashion_dir}",
-        "--wandb-mode",
-        "disabled",
-        "--quiet",
-    ]
+    flags = ["--num-samples", "4", "--gpus-per-trial", "0.5", "--cpus-per-trial", "1", "--trial-process", trial_process]
     prelude = "import ray; ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)"
-    run_search_process(args, prelude)
-    summary = json.loads((tmp_path / "gpus" / "summary.json").read_text())
+    finish(launch_search(tmp_path, "gpus", config, *flags, prelude=prelude))
     spans, gpus = [], {}
-    for row in summary["trials"]:
-        results = [json.loads(line) for line in (tmp_path / "gpus" / f"trial_{row['trial_id']}" / "result.json").open()]
-        spans.append((results[0]["trial_started_at"], results[-1]["reported_at"]))
-        ids = {r["gpu_ids"] for r in results}
+    for trial_id, reports in results(tmp_path / "gpus").items():
+        spans.append((reports[0]["trial_started_at"], reports[-1]["reported_at"]))
+        ids = {r["gpu_ids"] for r in reports}
         assert len(ids) == 1 and ids <= {"0", "1"}  # one GPU per trial, the same for its whole life
-        assert {r["cuda_visible_devices"] for r in results} == ids  # Ray pointed CUDA at it
-        gpus[row["trial_id"]] = ids.pop()
+        assert {r["cuda_visible_devices"] for r in reports} == ids  # Ray pointed CUDA at it
+        gpus[trial_id] = ids.pop()
     most_at_once = max(sum(start <= t <= end for start, end in spans) for t, _ in spans)
     assert most_at_once == 4
     assert sorted(gpus.values()) == ["0", "0", "1", "1"]
 
 
-def test_joins_an_existing_cluster(tmp_path: Path, fashion_dir: Path) -> None:
+def test_joins_an_existing_cluster(tmp_path: Path, launch_search) -> None:
     """`ray start --head` makes a cluster (with token auth); --address joins it and leaves it running."""
     # a short session folder of its own: Ray's socket paths must stay under the 107-character limit
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
@@ -234,21 +189,8 @@ def test_joins_an_existing_cluster(tmp_path: Path, fashion_dir: Path) -> None:
     assert started.returncode == 0, started.stderr[-2000:]
     try:
         address = re.search(r"--address='([^']+)'", started.stdout + started.stderr).group(1)
-        args = [
-            "--smoke-test",
-            "--data_class=FashionMNIST",
-            f"--data_dir={fashion_dir}",
-            f"--address={address}",
-            "--storage-path",
-            str(tmp_path),
-            "--name",
-            "joined",
-            "--wandb-mode",
-            "disabled",
-            "--quiet",
-        ]
-        run_search_process(args)
-        summary = json.loads((tmp_path / "joined" / "summary.json").read_text())
+        finish(launch_search(tmp_path, "joined", None, "--smoke-test", f"--address={address}"))
+        summary = summary_of(tmp_path / "joined")
         assert summary["num_trials"] == 4 and not summary["interrupted"]
         assert set(summary["statuses"]) <= {"completed", "stopped_early"}  # ASHA may stop one: timing decides
         assert all(row["epochs"] >= 1 for row in summary["trials"])

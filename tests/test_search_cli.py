@@ -32,6 +32,7 @@ HELP_FLAGS = (
     "--wandb-project",
     "--wandb-mode",
     "--smoke-test",
+    "--trial-process",
 )
 GOOD_SPACE = "space:\n  fc1: {choice: [8, 16]}\n"
 
@@ -79,7 +80,7 @@ def refuse(tmp_path: Path, args: list[str], *needles: str, storage: Path | None 
     """The search refuses `args` with one line, exit 2, before Ray starts, leaving the storage dir as it was."""
     storage = storage or tmp_path / "storage"
     before = snapshot(storage)
-    result = run_cli([*args, "--storage-path", str(storage)], tmp_path)
+    result = run_cli([*args, *(["--storage-path", str(storage)] if "--storage-path" not in args else [])], tmp_path)
     line = assert_one_line_error(result, *needles)
     for text in RAY_STARTED:
         assert text not in result.stdout + result.stderr, f"Ray started: {text!r} in the output"
@@ -183,29 +184,18 @@ CASES = [
     ("resume-with-config", no_setup, ["--resume", "--name", "x", "--config", "experiments/smoke.yaml"], ("--resume", "--config")),
     ("resume-with-changes", no_setup, ["--resume", "--name", "x", "--num-samples", "3", "--fc1=8"], ("--num-samples", "--fc1")),
     ("name-taken", existing_search, [], ("taken", "--resume", "--overwrite")),
+    ("storage-under-proc", no_setup, ["--storage-path", "/proc/text-recognizer"], ("--storage-path", "/proc", "not writable")),
+    ("storage-under-sys", no_setup, ["--storage-path", "/sys/x/y"], ("--storage-path", "/sys", "not writable")),
+    ("smoke-with-config", no_setup, ["--smoke-test", "--config", "mlp_asha"], ("--smoke-test", "--config")),
+    ("trial-process", no_setup, ["--trial-process", "thread"], ("--trial-process", "thread")),
+    ("max-failures-negative", no_setup, ["--max-failures", "-1"], ("--max-failures",)),
 ]
 
 
 # The cases the real script must refuse too (each run costs the package's ~6 s of imports); all run in-process.
-REAL_SCRIPT = {
-    "unknown-data-class",
-    "unknown-model-class",
-    "unknown-search-flag",
-    "zero-layer-flag",
-    "num-samples-0",
-    "name-separator",
-    "name-dotdot",
-    "yaml-syntax",
-    "unknown-space-key",
-    "wrong-type",
-    "inverted-range",
-    "empty-range",
-    "zero-layer-config",
-    "negative-layer-config",
-    "truncated-images",
-    "corrupt-magic",
-    "resume-missing",
-}  # name-taken: test_existing_search_is_untouched
+# One case of each kind of check (flags, config, data, saved searches) through the real script: each run costs
+# the package's ~6 s of imports, and every case runs in-process above.
+REAL_SCRIPT = {"unknown-data-class", "name-separator", "yaml-syntax", "truncated-images", "resume-missing", "storage-under-proc"}
 SCRIPT_CASES = [case for case in CASES if case[0] in REAL_SCRIPT]
 
 
@@ -221,16 +211,16 @@ def refuse_in_process(
     from text_recognizer.data import base_data_module
     from text_recognizer.search import driver
 
-    def no_ray(address: str | None) -> bool:
+    def no_ray(address: str | None) -> None:
         raise RayStarted
 
-    monkeypatch.setattr(driver, "start_ray", no_ray)
+    monkeypatch.setattr(driver, "ray_cluster", no_ray)
     monkeypatch.setattr(base_data_module, "DATA_DIRNAME", tmp_path / "no-data")
     storage = tmp_path / "storage"
     before = snapshot(storage)
     capsys.readouterr()
     with pytest.raises(SystemExit) as caught:
-        tune_mlp([*args, "--storage-path", str(storage)])
+        tune_mlp([*args, *(["--storage-path", str(storage)] if "--storage-path" not in args else [])])
     captured = capsys.readouterr()
     result = subprocess.CompletedProcess(args, caught.value.code, captured.out, captured.err)
     line = assert_one_line_error(result, *needles)

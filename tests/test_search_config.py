@@ -10,13 +10,12 @@ import pytest
 from ray import tune
 from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
-from text_recognizer.search.config import load_config
-from text_recognizer.search.trainable import trial_args
-from text_recognizer.training import build_parser
+from text_recognizer.facts import config_to_argv
+from text_recognizer.search.config import CONFIGS_DIR, load_config
+from text_recognizer.training import build_parser, parse_args
 from text_recognizer.util import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "experiments").glob("*.yaml"))
+SHIPPED = sorted(CONFIGS_DIR.glob("*.yaml"))
 SPACE = "space:\n  fc1: {choice: [8, 16]}\n"  # a valid space, for cases about other keys
 
 
@@ -163,10 +162,6 @@ def test_shipped_config_loads(path: Path) -> None:
         assert params[key] == value
 
 
-def test_shipped_configs_exist() -> None:
-    assert {path.name for path in SHIPPED} >= {"mlp_asha.yaml", "fashion_mlp_asha.yaml", "smoke.yaml"}
-
-
 def test_param_space_samplers(tmp_path: Path) -> None:
     path = write(
         tmp_path,
@@ -204,17 +199,10 @@ def test_overrides_win_and_leave_the_space(tmp_path: Path) -> None:
 
 
 def test_override_of_a_shipped_config() -> None:
-    config = load_config(ROOT / "experiments" / "mlp_asha.yaml", {"fc1": 8, "data_class": "FashionMNIST"})
+    config = load_config("mlp_asha", {"fc1": 8, "data_class": "FashionMNIST"})
     params = config.param_space()
     assert params["fc1"] == 8 and params["data_class"] == "FashionMNIST"
     assert "fc1" not in config.space and "fc2" in config.space
-
-
-def test_defaults(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, SPACE))
-    assert (config.metric, config.mode) == ("val_acc", "max")
-    assert config.num_samples >= 1 and config.max_t >= config.grace_period >= 1 and config.reduction_factor > 1
-    assert config.fixed == {}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[path.stem for path in SHIPPED])
@@ -232,7 +220,7 @@ def test_shipped_trials_are_valid_runs(path: Path) -> None:
     params = config.param_space()
     for _ in range(5):
         trial = {key: value.sample(random_state=rng) if isinstance(value, Domain) else value for key, value in params.items()}
-        args = trial_args(trial)
+        args = parse_args(config_to_argv(trial), prog="trial")
         assert args.max_epochs == config.max_t
         for key, value in trial.items():
             assert getattr(args, key) == pytest.approx(value) if isinstance(value, float) else getattr(args, key) == value

@@ -6,24 +6,24 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import ray
 
 from text_recognizer.util import UserError
 
-# Where `ray start` keeps a cluster's token (Ray's documented default), and the variable that names another file
-TOKEN_FILE = Path.home() / ".ray" / "auth_token"
-TOKEN_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-
-
 def present_token_when_joining() -> None:
-    """Joining a cluster that `ray start` made with a token: turn token auth on in this process (RAY_AUTH_MODE,
-    Ray's documented switch) when a token is there and the user chose no mode."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    if any(os.environ.get(name) for name in TOKEN_ENV) or TOKEN_FILE.is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"
+    """Joining a cluster that `ray start` made with a token (~/.ray/auth_token): turn token auth on in this
+    process when the user chose no RAY_AUTH_MODE.
+
+    Ray has no public call for this: setting RAY_AUTH_MODE alone is not enough once Ray's config is loaded, and
+    the function `ray start` itself uses lives in ray._private. It is kept behind this one function;
+    tests/test_security.py calls it, so a Ray release that moves it fails there, loudly.
+    """
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError as error:
+        raise RuntimeError(f"this Ray release moved its token set-up ({error}): update present_token_when_joining") from None
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 @contextmanager

@@ -63,7 +63,7 @@ class ReportCallback(EpochTimer, Checkpoint):
             gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         )
         directory = tempfile.mkdtemp(prefix="trial-ckpt-")
-        trainer.save_checkpoint(os.path.join(directory, CHECKPOINT_NAME))
+        trainer.save_checkpoint(os.path.join(directory, CHECKPOINT_NAME), weights_only=False)  # all state: a trial resumes from it
         self.report(metrics, directory)
 
 

@@ -1,0 +1,110 @@
+"""What the driver makes of a search's results: trial outcomes, the best checkpoint, files and the W&B summary table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from ray.tune import Checkpoint, Result
+
+from text_recognizer.facts import trial_status
+from text_recognizer.search.config import load_config
+from text_recognizer.search.results import collect, summarize, write_results
+from text_recognizer.search.spec import SearchSpec
+
+# (id, last result, max_t, error, outcome)
+STATUSES = [
+    ("ran-max-t", {"training_iteration": 5, "done": True}, 5, False, "completed"),
+    ("asha-stopped", {"training_iteration": 2, "done": True}, 5, False, "stopped_early"),
+    ("diverged", {"training_iteration": 2, "done": True, "diverged": True}, 5, False, "diverged"),
+    ("failed", {"training_iteration": 3}, 5, True, "error"),
+    ("running-when-interrupted", {"training_iteration": 3, "done": False}, 5, False, "interrupted"),
+    ("never-started", {"trial_id": "x"}, 5, False, "pending"),
+]
+
+
+@pytest.mark.parametrize(("last", "max_t", "error", "outcome"), [s[1:] for s in STATUSES], ids=[s[0] for s in STATUSES])
+def test_trial_status(last: dict, max_t: int, error: bool, outcome: str) -> None:
+    assert trial_status(last, max_t, error=error) == outcome
+
+
+def spec_for(tmp_path: Path, metric: str = "val_acc", mode: str = "max") -> SearchSpec:
+    config = tmp_path / "search.yaml"
+    config.write_text(f"metric: {metric}\nmode: {mode}\nscheduler: {{max_t: 5}}\nspace:\n  fc1: {{choice: [8, 16]}}\n")
+    return SearchSpec("s", tmp_path / "s", load_config(config), "offline", "p", None, None)
+
+
+def trial_result(tmp_path: Path, trial_id: str, rows: list[dict], kept: dict[int, dict]) -> Result:
+    """A trial's Result as Tune builds it: its result rows, and the checkpoints kept with the metrics of their epoch."""
+    folder = tmp_path / "s" / f"trial_{trial_id}"
+    checkpoints = []
+    for epoch, metrics in kept.items():
+        path = folder / f"checkpoint_{epoch:06d}"
+        path.mkdir(parents=True)
+        (path / "model.ckpt").write_bytes(b"weights")
+        checkpoints.append((Checkpoint.from_directory(str(path)), {**metrics, "training_iteration": epoch}))
+    last = {**rows[-1], "trial_id": trial_id, "done": True, "config": {"fc1": 8}}
+    return Result(
+        metrics=last,
+        checkpoint=checkpoints[-1][0],
+        error=None,
+        path=str(folder),
+        metrics_dataframe=pd.DataFrame(rows),
+        best_checkpoints=checkpoints,
+    )
+
+
+def test_a_kept_checkpoint_without_its_result_row_is_still_the_best(tmp_path: Path) -> None:
+    """A killed trial process can leave Tune a checkpoint whose result row was never written (seen: rows [1, 2, 4, 5])."""
+    spec = spec_for(tmp_path)
+    rows = [{"training_iteration": e, "val_acc": acc} for e, acc in ((1, 0.5), (2, 0.6), (4, 0.7), (5, 0.65))]
+    kept = {3: {"val_acc": 0.8, "val_loss": 0.4}, 5: {"val_acc": 0.65, "val_loss": 0.5}}
+    rows_out, best = collect([trial_result(tmp_path, "a", rows, kept)], spec, {})
+    assert best["epoch"] == 3 and best["value"] == 0.8 and best["metrics"]["val_loss"] == 0.4
+    assert best["checkpoint"].endswith("checkpoint_000003/model.ckpt") and Path(best["checkpoint"]).is_file()
+    assert "--max_epochs=3" in best["replay"]
+    assert rows_out[0]["status"] == "completed" and rows_out[0]["best_val_acc"] == 0.7  # from the rows it has
+
+
+def test_the_best_follows_the_metric_and_its_mode(tmp_path: Path) -> None:
+    spec = spec_for(tmp_path, "val_loss", "min")
+    a = trial_result(tmp_path, "a", [{"training_iteration": 1, "val_loss": 0.9}], {1: {"val_loss": 0.9}})
+    b = trial_result(tmp_path, "b", [{"training_iteration": 1, "val_loss": 0.3}], {1: {"val_loss": 0.3}})
+    rows, best = collect([b, a], spec, {})
+    assert [row["trial_id"] for row in rows] == ["a", "b"] and best["trial_id"] == "b"
+    assert rows[1]["best_val_loss"] == 0.3
+
+
+def test_summary_files_and_the_wandb_summary_table_name_the_search_metric(tmp_path: Path) -> None:
+    """The table's best column is best_<metric>: with val_loss it is filled, not an empty best_val_acc."""
+    from text_recognizer.search.wandb_files import offline_runs
+    from text_recognizer.search.wandb_logging import log_summary_run
+
+    spec = spec_for(tmp_path, "val_loss", "min")
+    results = [
+        trial_result(tmp_path, t, [{"training_iteration": 1, "val_loss": v, "val_acc": 0.5}], {1: {"val_loss": v}})
+        for t, v in (("a", 0.9), ("b", 0.3))
+    ]
+    rows, best = collect(results, spec, {})
+    summary = summarize(spec, rows, best, wall_seconds=1.0)
+    write_results(summary, spec.folder)
+    assert json.loads((spec.folder / "summary.json").read_text())["best"]["trial_id"] == "b"
+    assert list(pd.read_csv(spec.folder / "trials.csv")["trial_id"]) == ["a", "b"]
+    log_summary_run(spec, summary)
+    (run,) = offline_runs(spec.folder)
+    table = json.loads(next(spec.folder.glob("wandb/offline-run-*/files/media/table/trials_*.table.json")).read_text())
+    column = table["columns"].index("best_val_loss")
+    assert [row[column] for row in table["data"]] == [0.9, 0.3]
+    assert "best_val_acc" not in table["columns"]
+    assert run.summary["best_val_loss"] == 0.3 and run.summary["best_trial_id"] == "b"
+
+
+def test_an_interrupted_search_gets_a_resume_command_and_no_sync_command(tmp_path: Path) -> None:
+    spec = replace(spec_for(tmp_path), folder=tmp_path / "store" / "s")
+    rows = [{"trial_id": "a", "status": "interrupted", "epochs": 1, "startup_seconds": None, "config": {}}]
+    summary = summarize(spec, rows, None, 1.0)
+    assert summary["interrupted"] and "sync_command" not in summary["wandb"]
+    assert summary["resume_command"] == f"python search/tune_mlp.py --resume --name s --storage-path {tmp_path / 'store'}"

@@ -1,0 +1,95 @@
+"""The package's shape: no import cycles (imports inside functions count), and the modules that run in light
+processes import only what those processes can afford."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+PACKAGE = ROOT / "text_recognizer"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, at any depth of its code (functions included)."""
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = {target for target in imported if target in modules and target != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles() -> None:
+    graph = import_graph()
+    assert "text_recognizer.search.driver" in graph and graph["text_recognizer.search.driver"]
+    assert cycles(graph) == []
+
+
+def modules_after_import(module: str) -> set[str]:
+    """The top-level packages loaded into a fresh interpreter by importing `module`."""
+    code = f"import sys; import {module}; print(' '.join(sorted({{name.split('.')[0] for name in sys.modules}})))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    return set(result.stdout.split())
+
+
+@pytest.mark.parametrize("module", ["text_recognizer.facts", "text_recognizer.search.forkserver"])
+def test_leaf_modules_import_only_the_standard_library(module: str) -> None:
+    baseline = modules_after_import("sys")  # what the interpreter loads by itself (site hooks, .pth files)
+    loaded = modules_after_import(module) - baseline - set(sys.stdlib_module_names) - {"text_recognizer"}
+    assert not {name for name in loaded if not name.startswith("_")}, loaded
+
+
+def test_a_fork_mode_tune_actor_never_loads_torch() -> None:
+    loaded = modules_after_import("text_recognizer.search.tune_actor")
+    assert "ray" in loaded and not loaded & {"torch", "pytorch_lightning", "lightning_fabric", "torchmetrics"}

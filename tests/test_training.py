@@ -1,0 +1,55 @@
+"""The one training function: the single run and the trial build the same things; a diverged run stops itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from text_recognizer.search.trial_process import train_trial
+from text_recognizer.training import epoch_metrics, parse_args, train
+
+
+def test_a_diverged_run_stops_after_its_first_diverged_epoch(tiny_data_dir: Path) -> None:
+    """No early stopping among the callbacks: the LitModel itself stops a run whose loss is not finite."""
+    config = {"data_dir": str(tiny_data_dir), "optimizer": "SGD", "lr": 1e6, "max_epochs": 10, "fc1": 16, "fc2": 8}
+    reports: list[dict] = []
+    train_trial(config, None, lambda metrics, _: reports.append(metrics), checkpoint=None, threads=1, gpu_ids=[], started=0.0)
+    diverged = [metrics["diverged"] for metrics in reports]
+    assert diverged[-1] and not any(diverged[:-1]) and len(reports) < 10, diverged
+
+
+def test_a_healthy_run_trains_every_epoch(tiny_data_dir: Path) -> None:
+    args = parse_args([f"--data_dir={tiny_data_dir}", "--max_epochs=3", "--fc1=16", "--fc2=8"])
+    trainer, _, _ = train(args, callbacks=[], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert trainer.current_epoch == 3 and not epoch_metrics(trainer)["diverged"]
+
+
+def test_a_trial_reports_every_epoch_with_a_checkpoint_and_resumes_from_it(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """The trial's training, called as the Tune actor calls it, with a report function that keeps what it gets."""
+    from text_recognizer.data import MNIST
+
+    arrays = MNIST.load_arrays(tiny_data_dir)
+    for array in arrays.values():
+        array.flags.writeable = False  # as Ray's object store hands them over
+    config = {"data_dir": str(tiny_data_dir), "max_epochs": 3, "fc1": 16, "fc2": 8}
+    reports: list[tuple[dict, Path]] = []
+
+    def report(metrics: dict, directory: str) -> None:
+        kept = tmp_path / f"epoch{metrics['epoch']}"
+        Path(directory).rename(kept)
+        reports.append((metrics, kept))
+
+    settings = {"threads": 1, "gpu_ids": [], "started": 0.0}
+    train_trial(config, arrays, report, checkpoint=None, **settings)
+    assert [m["epoch"] for m, _ in reports] == [1, 2, 3]
+    assert not any(m["data_copied"] for m, _ in reports)  # trained on the arrays it was given, not a copy
+    assert all((folder / "model.ckpt").is_file() for _, folder in reports)
+    state = torch.load(reports[0][1] / "model.ckpt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0 and state["run_args"]["fc1"] == 16
+    # restarted from epoch 1's checkpoint: it trains epochs 2 and 3 only
+    resumed: list[tuple[dict, Path]] = []
+    train_trial(config, arrays, lambda m, d: resumed.append((m, Path(d))), checkpoint=str(reports[0][1] / "model.ckpt"), **settings)
+    assert [m["epoch"] for m, _ in resumed] == [2, 3]
+    assert resumed[-1][0]["val_acc"] == pytest.approx(reports[-1][0]["val_acc"])  # same data order, same result
