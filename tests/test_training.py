@@ -50,6 +50,7 @@ def test_a_trial_reports_every_epoch_with_a_checkpoint_and_resumes_from_it(tiny_
     assert state["epoch"] == 0 and state["run_args"]["fc1"] == 16
     # restarted from epoch 1's checkpoint: it trains epochs 2 and 3 only
     resumed: list[tuple[dict, Path]] = []
-    train_trial(config, arrays, lambda m, d: resumed.append((m, Path(d))), checkpoint=str(reports[0][1] / "model.ckpt"), **settings)
+    restart = str(reports[0][1] / "model.ckpt")
+    train_trial(config, arrays, lambda m, d: resumed.append((m, Path(d))), checkpoint=restart, **settings)
     assert [m["epoch"] for m, _ in resumed] == [2, 3]
     assert resumed[-1][0]["val_acc"] == pytest.approx(reports[-1][0]["val_acc"])  # same data order, same result

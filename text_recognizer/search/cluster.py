@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
 
 from text_recognizer.util import UserError
+
 
 def present_token_when_joining() -> None:
     """Joining a cluster that `ray start` made with a token (~/.ray/auth_token): turn token auth on in this

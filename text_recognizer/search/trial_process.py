@@ -63,7 +63,8 @@ class ReportCallback(EpochTimer, Checkpoint):
             gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         )
         directory = tempfile.mkdtemp(prefix="trial-ckpt-")
-        trainer.save_checkpoint(os.path.join(directory, CHECKPOINT_NAME), weights_only=False)  # all state: a trial resumes from it
+        # all of the trainer's state, not only the weights: a trial resumes from it
+        trainer.save_checkpoint(os.path.join(directory, CHECKPOINT_NAME), weights_only=False)
         self.report(metrics, directory)
 
 
