@@ -1,6 +1,8 @@
 """GPU benchmark, for a machine with an NVIDIA GPU (e.g. one H200): run as one short script.
 
-    python benchmarks/gpu.py [--samples 50] [--out benchmarks/results]
+    python benchmarks/gpu.py [--samples 50] [--trial-process actor|fork] [--out benchmarks/results]
+
+Run it with --trial-process fork before choosing fork on GPUs: it is the check that CUDA works in forks.
 
 Measures, with the data resident on the GPU (BaseDataModule puts it there when a trial trains on one):
 1. seconds per epoch of the default MLP in a trial on the GPU vs a plain PyTorch loop on the GPU;
@@ -28,11 +30,11 @@ from benchmarks.run import DEFAULT_RUN, FASHION_CONFIG, _trial_results, ours, pl
 from text_recognizer.data import FashionMNIST  # noqa: E402
 
 
-def search(storage: Path, name: str, data_dir: Path, samples: int, extra: list[str]) -> dict:
+def search(storage: Path, name: str, data_dir: Path, samples: int, extra: list[str], trial_process: str) -> dict:
     """One of our searches on the GPU, with how many trials ran at once and their peak GPU memory."""
     flags = {a.split("=")[0][2:]: a.split("=", 1)[1] for a in extra if "=" in a}
     resources = tuple(a for a in extra if "=" not in a)
-    figures = ours(name, storage, data_dir, FASHION_CONFIG, samples, None, flags, resources)
+    figures = ours(name, storage, data_dir, FASHION_CONFIG, samples, None, flags, resources, trial_process)
     frames = _trial_results(storage / name)
     spans = [(rows[0]["trial_started_at"], rows[-1]["reported_at"]) for rows in frames.values() if rows]
     concurrency = max(sum(a <= t <= b for a, b in spans) for t, _ in spans) if spans else 0
@@ -43,6 +45,7 @@ def search(storage: Path, name: str, data_dir: Path, samples: int, extra: list[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--trial-process", choices=("actor", "fork"), default="actor", help="where trials train")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
@@ -55,17 +58,18 @@ def main() -> None:
     arrays = FashionMNIST.load_arrays(data_dir)
     storage = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    gpus, cpus = torch.cuda.device_count(), os.cpu_count()
-    result: dict = {"gpu": torch.cuda.get_device_name(0), "gpus": gpus, "cpus": cpus, "date": time.strftime("%Y-%m-%d")}
+    gpus, cpus, mode = torch.cuda.device_count(), os.cpu_count(), args.trial_process
+    result: dict = {"gpu": torch.cuda.get_device_name(0), "gpus": gpus, "cpus": cpus, "trial_process": mode}
+    result["date"] = time.strftime("%Y-%m-%d")
     result["plain_loop_seconds_per_epoch"] = plain_loop_seconds_per_epoch(arrays, cpus or 1, device="cuda")
     single = [f"--{k}={v}" for k, v in DEFAULT_RUN.items()]
-    result["one_trial"] = search(storage, "one", data_dir, 1, [*single, "--gpus-per-trial", "1", "--cpus-per-trial", "1"])
+    result["one_trial"] = search(storage, "one", data_dir, 1, [*single, "--gpus-per-trial", "1", "--cpus-per-trial", "1"], mode)
     result["packing"] = {}
     for per_gpu in (4, 8, 16):
         cpus_each = max(1, cpus // (per_gpu * gpus))
         extra = [*single, "--gpus-per-trial", str(1 / per_gpu), "--cpus-per-trial", str(cpus_each), "--limit_train_batches=100"]
-        result["packing"][per_gpu] = search(storage, f"pack{per_gpu}", data_dir, per_gpu * gpus, extra)
-    result["search"] = search(storage, "search", data_dir, args.samples, [])
+        result["packing"][per_gpu] = search(storage, f"pack{per_gpu}", data_dir, per_gpu * gpus, extra, mode)
+    result["search"] = search(storage, "search", data_dir, args.samples, [], mode)
     ray.shutdown()
 
     print(f"\n{result['gpu']} x{gpus}, {cpus} CPUs")

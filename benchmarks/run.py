@@ -30,6 +30,7 @@ from text_recognizer.data import FashionMNIST  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FASHION_CONFIG = HERE.parent / "experiments" / "fashion_mlp_asha.yaml"
+MODES = ("actor", "fork")  # where our trials train: the default, and --trial-process fork
 DEFAULT_RUN = {"fc1": 1024, "fc2": 128, "dropout": 0.5, "lr": 1e-3, "batch_size": 128, "optimizer": "Adam"}
 
 
@@ -69,9 +70,10 @@ def plain_loop_seconds_per_epoch(
 class MemorySampler(threading.Thread):
     """Polls the unique memory (USS) of every Tune trial actor and trial process; keeps each one's peak.
 
-    Our trials train in forks of a per-node fork server: an extra trial costs its actor plus its trial
-    process (what the kernel would free if it ended: their USS). The server is paid once per node; its
-    proportional share (PSS) is kept apart. The recipe's trials train in their actors.
+    By default (and in the recipe) a trial trains in its Tune actor: an extra trial costs that actor's USS
+    (what the kernel would free if it ended). With --trial-process fork it trains in a fork of the node's
+    fork server: an extra trial costs its actor plus its trial process; the server is paid once per node and
+    its proportional share (PSS) is kept apart.
     """
 
     def __init__(self) -> None:
@@ -116,6 +118,7 @@ def ours(
     max_t: int | None,
     space_fixed: dict[str, Any] | None = None,
     resources: tuple[str, ...] = ("--cpus-per-trial", "1", "--gpus-per-trial", "0"),
+    trial_process: str = "actor",
 ) -> dict[str, Any]:
     """Our search through its real CLI entry point, in this process (the Ray cluster is shared)."""
     from text_recognizer.cli import tune_mlp
@@ -125,7 +128,7 @@ def ours(
         config_copy.write_text(config.read_text().replace("max_t: 10", f"max_t: {max_t}"))
         config = config_copy
     argv = ["--config", str(config), "--num-samples", str(samples), "--storage-path", str(storage), "--name", name]
-    argv += [f"--data_dir={data_dir}", "--wandb-mode", "offline", "--quiet", *resources]
+    argv += [f"--data_dir={data_dir}", "--wandb-mode", "offline", "--quiet", "--trial-process", trial_process, *resources]
     argv += [f"--{key}={value}" for key, value in (space_fixed or {}).items()]
     sampler = MemorySampler()
     sampler.start()
@@ -235,68 +238,94 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # per-epoch: the default MLP, one trial of 4 epochs alone on the cluster, vs the plain loop (1 thread each),
     # which runs before and after ours (their mean: this machine's speed drifts by ~10 % over minutes)
-    plain_before = plain_loop_seconds_per_epoch(arrays, threads=1, epochs=4)
-    ours_one = ours("ours-epoch", storage, data_dir, FASHION_CONFIG, 1, 4, DEFAULT_RUN)
-    plain_after = plain_loop_seconds_per_epoch(arrays, threads=1, epochs=4)
-    plain = (plain_before + plain_after) / 2
+    ours_one, ours_search, plains = {}, {}, []
+    for mode in MODES:
+        before = plain_loop_seconds_per_epoch(arrays, threads=1, epochs=4)
+        ours_one[mode] = ours(f"{mode}-epoch", storage, data_dir, FASHION_CONFIG, 1, 4, DEFAULT_RUN, trial_process=mode)
+        after = plain_loop_seconds_per_epoch(arrays, threads=1, epochs=4)
+        plains.append((before + after) / 2)
+        ours_one[mode]["plain_loop_seconds_per_epoch"] = plains[-1]
+        ours_search[mode] = ours(f"{mode}-search", storage, data_dir, FASHION_CONFIG, samples, max_t, trial_process=mode)
+        print(f"  {mode}: {ours_one[mode]['seconds_per_epoch']:.2f} s/epoch, search {ours_search[mode]['wall_seconds']:.0f} s")
+    plain = statistics.mean(plains)
     recipe_one = recipe("recipe-epoch", storage, data_dir, FASHION_CONFIG, 1, 4, DEFAULT_RUN)
-    print(
-        f"  per-epoch runs done: plain {plain:.2f} s, ours {ours_one['seconds_per_epoch']:.2f} s, "
-        f"recipe {recipe_one['seconds_per_epoch']:.2f} s"
-    )
-    ours_search = ours("ours-search", storage, data_dir, FASHION_CONFIG, samples, max_t)
-    print(f"  our search done: {ours_search['wall_seconds']:.0f} s")
     recipe_search = recipe("recipe-search", storage, data_dir, FASHION_CONFIG, samples, max_t)
-    print(f"  recipe search done: {recipe_search['wall_seconds']:.0f} s")
+    print(f"  recipe: {recipe_one['seconds_per_epoch']:.2f} s/epoch, search {recipe_search['wall_seconds']:.0f} s")
     ray.shutdown()
 
     figures = [
-        (
+        row(
             "seconds per epoch in a trial / plain loop",
-            ours_one["seconds_per_epoch"] / plain,
+            [ours_one[m]["seconds_per_epoch"] / ours_one[m]["plain_loop_seconds_per_epoch"] for m in MODES],
             recipe_one["seconds_per_epoch"] / plain,
             "<= 1.15",
         ),
-        ("seconds per epoch in a trial", ours_one["seconds_per_epoch"], recipe_one["seconds_per_epoch"], f"plain {plain:.2f}"),
-        (
+        row(
+            "seconds per epoch in a trial", [ours_one[m]["seconds_per_epoch"] for m in MODES], recipe_one["seconds_per_epoch"], ""
+        ),
+        row("  plain loop, around it", [ours_one[m]["plain_loop_seconds_per_epoch"] for m in MODES], plain, ""),
+        row(
             "trial start -> first step, median s",
-            ours_search["startup_seconds_median"],
+            pick(ours_search, "startup_seconds_median"),
             recipe_search["startup_seconds_median"],
             "<= 1.5",
         ),
-        (f"{samples}-sample search wall s", ours_search["wall_seconds"], recipe_search["wall_seconds"], ""),
-        ("search wall / recipe's", ours_search["wall_seconds"] / recipe_search["wall_seconds"], 1.0, "<= 0.4"),
-        ("best val_acc", ours_search["best_val_acc"], recipe_search["best_val_acc"], "not lower"),
-        ("epochs trained / (samples x max_t)", ours_search["epoch_fraction"], recipe_search["epoch_fraction"], "<= 0.35"),
-        (
+        row(f"{samples}-sample search wall s", pick(ours_search, "wall_seconds"), recipe_search["wall_seconds"], ""),
+        row(
+            "search wall / recipe's",
+            [ours_search[m]["wall_seconds"] / recipe_search["wall_seconds"] for m in MODES],
+            1.0,
+            "<= 0.4",
+        ),
+        row("best val_acc", pick(ours_search, "best_val_acc"), recipe_search["best_val_acc"], "not lower"),
+        row(
+            "epochs trained / (samples x max_t)", pick(ours_search, "epoch_fraction"), recipe_search["epoch_fraction"], "<= 0.35"
+        ),
+        row(
             "memory per extra concurrent trial, MB",
-            ours_search["memory_mb"]["per_trial"],
+            memory(ours_search, "per_trial"),
             recipe_search["memory_mb"]["per_trial"],
             "<= 400",
         ),
-        ("  of which the Tune actor (USS)", ours_search["memory_mb"]["actor"], recipe_search["memory_mb"]["actor"], ""),
-        ("  of which the trial process (USS)", ours_search["memory_mb"]["trial"], None, ""),
-        ("fork server, once per node (PSS), MB", ours_search["memory_mb"]["server"], None, ""),
+        row("  of which the Tune actor (USS)", memory(ours_search, "actor"), recipe_search["memory_mb"]["actor"], ""),
+        row("  of which the trial process (USS)", memory(ours_search, "trial"), None, ""),
+        row("fork server, once per node (PSS), MB", [None, ours_search["fork"]["memory_mb"]["server"]], None, ""),
     ]
-    print(f"\n{'figure':<44}{'ours':>10}{'recipe':>10}  target")
-    for name, mine, theirs, target in figures:
-        print(f"{name:<44}{_fmt(mine):>10}{_fmt(theirs):>10}  {target}")
+    print(f"\n{'figure':<44}" + "".join(f"{m:>10}" for m in MODES) + f"{'recipe':>10}  target")
+    for figure in figures:
+        print(
+            f"{figure['figure']:<44}"
+            + "".join(f"{_fmt(v):>10}" for v in figure["ours"].values())
+            + f"{_fmt(figure['recipe']):>10}  {figure['target']}"
+        )
     result = {
         "mode": label,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.node()} {args.cpus} CPUs",
         "torch": torch.__version__,
         "plain_loop_seconds_per_epoch": plain,
-        "plain_loop_before_after": [plain_before, plain_after],
         "per_epoch": {"ours": ours_one, "recipe": recipe_one},
         "search": {"ours": ours_search, "recipe": recipe_search},
-        "figures": [{"figure": n, "ours": m, "recipe": t, "target": g} for n, m, t, g in figures],
+        "figures": figures,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {path}")
     return result
+
+
+def row(figure: str, ours: list[float | None], recipe: float | None, target: str) -> dict[str, Any]:
+    """One figure: ours in each trial mode, the recipe's, and the target."""
+    return {"figure": figure, "ours": dict(zip(MODES, ours, strict=True)), "recipe": recipe, "target": target}
+
+
+def pick(runs: dict[str, dict], key: str) -> list[Any]:
+    return [runs[mode][key] for mode in MODES]
+
+
+def memory(runs: dict[str, dict], key: str) -> list[Any]:
+    return [runs[mode]["memory_mb"][key] for mode in MODES]
 
 
 def _fmt(value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -11,10 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_mnist
+from conftest import ROOT, SCRIPT, write_tiny_mnist
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "search" / "tune_mlp.py"
 # A refusal comes after the imports (torch, Lightning: 6-12 s on 2 busy cores) and before Ray (10-20 s more).
 # The sure sign that Ray started is its session folder under RAY_TMPDIR; the time is a second check.
 BEFORE_RAY_SECONDS = 25
@@ -137,6 +136,17 @@ def unfinished_folder(tmp_path: Path) -> list[str]:
     return ["--resume", "--name", "half"]
 
 
+def saved_search(tmp_path: Path) -> list[str]:
+    """A saved search (as far as --resume looks before Ray): trained in its actors."""
+    folder = tmp_path / "storage" / "saved"
+    folder.mkdir(parents=True)
+    (folder / "search.json").write_text(
+        json.dumps({"config": {}, "wandb_mode": "offline", "wandb_project": "p", "trial_process": "actor"})
+    )
+    (folder / "tuner.pkl").write_bytes(b"")
+    return ["--resume", "--name", "saved"]
+
+
 def no_setup(tmp_path: Path) -> list[str]:
     return []
 
@@ -184,6 +194,7 @@ CASES = [
     ("resume-with-config", no_setup, ["--resume", "--name", "x", "--config", "experiments/smoke.yaml"], ("--resume", "--config")),
     ("resume-with-changes", no_setup, ["--resume", "--name", "x", "--num-samples", "3", "--fc1=8"], ("--num-samples", "--fc1")),
     ("name-taken", existing_search, [], ("taken", "--resume", "--overwrite")),
+    ("resume-in-another-mode", saved_search, ["--trial-process", "fork"], ("--resume", "--trial-process actor")),
     ("storage-under-proc", no_setup, ["--storage-path", "/proc/text-recognizer"], ("--storage-path", "/proc", "not writable")),
     ("storage-under-sys", no_setup, ["--storage-path", "/sys/x/y"], ("--storage-path", "/sys", "not writable")),
     ("smoke-with-config", no_setup, ["--smoke-test", "--config", "mlp_asha"], ("--smoke-test", "--config")),
@@ -192,7 +203,6 @@ CASES = [
 ]
 
 
-# The cases the real script must refuse too (each run costs the package's ~6 s of imports); all run in-process.
 # One case of each kind of check (flags, config, data, saved searches) through the real script: each run costs
 # the package's ~6 s of imports, and every case runs in-process above.
 REAL_SCRIPT = {"unknown-data-class", "name-separator", "yaml-syntax", "truncated-images", "resume-missing", "storage-under-proc"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from pathlib import Path
 from typing import Any
 
 WANDB_PROJECT = "text-recognizer"  # the one default W&B project, of single runs and searches alike
@@ -16,6 +17,9 @@ SEARCH_FILE = "search.json"  # the resolved description of a search, so --resume
 FINAL_STATUSES = ("completed", "stopped_early", "diverged", "error")
 RUN_SCRIPT = "training/run_experiment.py"
 SEARCH_SCRIPT = "search/tune_mlp.py"
+_ROOT = Path(__file__).resolve().parents[1]
+# the repository when the package runs from a checkout (editable install), else None (installed in site-packages)
+CHECKOUT = _ROOT if (_ROOT / "pyproject.toml").is_file() and (_ROOT / SEARCH_SCRIPT).is_file() else None
 
 
 def config_to_argv(config: dict[str, Any]) -> list[str]:

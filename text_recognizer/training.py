@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from text_recognizer.data import DATA_CLASSES
 from text_recognizer.data.base_data_module import Arrays, BaseDataModule
-from text_recognizer.facts import WANDB_PROJECT
+from text_recognizer.facts import CHECKOUT, WANDB_PROJECT
 from text_recognizer.lit_models import BaseLitModel
 from text_recognizer.models import MODEL_CLASSES
 from text_recognizer.util import Parser, UserError, positive_int
@@ -32,7 +32,8 @@ MAX_EPOCHS = 5
 SEED = 42
 EARLY_STOPPING_PATIENCE = 10
 MONITOR = "val_loss"  # the lab's metric for early stopping and the best checkpoint of a single run
-LOG_DIR = Path(__file__).resolve().parents[1] / "training" / "logs"
+# training/logs/ in a checkout; an installed package writes its runs' logs under the working folder
+LOG_DIR = CHECKOUT / "training" / "logs" if CHECKOUT else Path("logs") / "runs"
 
 
 def batches(text: str) -> int | float:

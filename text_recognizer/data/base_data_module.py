@@ -14,12 +14,15 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from text_recognizer.facts import CHECKOUT
 from text_recognizer.util import positive_int
 
 BATCH_SIZE = 128
 NUM_WORKERS = 0
 EVAL_BATCH_SIZE = 4096  # evaluation has no backward pass: big batches cut the per-step overhead
-DATA_DIRNAME = Path(os.environ.get("TEXT_RECOGNIZER_DATA_DIR", Path(__file__).resolve().parents[2] / "data" / "downloaded"))
+# data/downloaded/ in a checkout; an installed package never writes into site-packages: ~/.cache instead
+DEFAULT_DATA = CHECKOUT / "data" / "downloaded" if CHECKOUT else Path.home() / ".cache" / "text-recognizer" / "data"
+DATA_DIRNAME = Path(os.environ.get("TEXT_RECOGNIZER_DATA_DIR", DEFAULT_DATA))
 
 # The arrays a data module is made of: normalized float32 images (N, C, H, W) and int64 labels,
 # keyed x_train, y_train, x_val, y_val, x_test, y_test.

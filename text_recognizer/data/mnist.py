@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +94,6 @@ class MNIST(BaseDataModule):
     @classmethod
     def check_against_download(cls, path: Path) -> None:
         """Check `path` against the .gz torchvision downloaded beside it (md5 of the .gz, then the same bytes)."""
-        import gzip
-
         gz = path.with_name(f"{path.name}.gz")
         expected = dict(cls.dataset_class.resources).get(gz.name)
         if expected and md5(gz) != expected:
@@ -122,9 +122,6 @@ class MNIST(BaseDataModule):
 
 def copy_verified(source: Path, raw: Path, md5s: dict[str, str]) -> bool:
     """Decompress `source/<name>.gz` into `raw/<name>` when every decompressed file has its known md5."""
-    import gzip
-    import zlib
-
     if not all((source / f"{name}.gz").is_file() for name in md5s):
         return False
     raw.mkdir(parents=True, exist_ok=True)

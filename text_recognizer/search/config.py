@@ -54,7 +54,7 @@ class SearchConfig:
 
     def param_space(self) -> dict[str, Any]:
         """The Tune param space: fixed run args, samplers for the searched ones, and max_epochs = max_t."""
-        from ray import tune
+        from ray import tune  # here only: checking a config (and refusing a bad one) needs no Ray
 
         samplers = {
             "choice": tune.choice,

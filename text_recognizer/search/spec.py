@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from text_recognizer.facts import SEARCH_FILE, WANDB_PROJECT
 from text_recognizer.search.config import DEFAULT_CONFIG, SMOKE_CONFIG, SearchConfig, load_config
 from text_recognizer.training import build_parser, default_wandb_mode
@@ -53,7 +55,12 @@ class SearchSpec:
 
     def saved(self) -> dict[str, Any]:
         """What --resume needs again, written to the search folder's SEARCH_FILE."""
-        return {"config": asdict(self.config), "wandb_mode": self.wandb_mode, "wandb_project": self.wandb_project}
+        return {
+            "config": asdict(self.config),
+            "wandb_mode": self.wandb_mode,
+            "wandb_project": self.wandb_project,
+            "trial_process": self.trial_process,  # Tune resumes a search with the trainable it began with
+        }
 
     def fitted_to(self, nodes: list[dict[str, float]]) -> SearchSpec:
         """This spec with the CPUs and GPUs per trial (as asked, else the default) that fit `nodes` (Ray's
@@ -81,8 +88,6 @@ def trial_resources(cpus: float | None, gpus: float | None, nodes: list[dict[str
 
 def local_nodes() -> list[dict[str, float]]:
     """The one node a local cluster will have: this machine's CPUs and GPUs."""
-    import torch  # already imported with the run flags' classes
-
     return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
 
 
@@ -234,7 +239,12 @@ def resumed_spec(args: argparse.Namespace, overrides: dict[str, Any], storage: P
     if not (folder / SEARCH_FILE).is_file() or not (folder / "tuner.pkl").is_file():
         raise UserError(f"--resume: no search named {args.name!r} in {storage}")
     saved = json.loads((folder / SEARCH_FILE).read_text())
-    return _spec(args, folder, SearchConfig(**saved["config"]), saved["wandb_mode"], saved["wandb_project"])
+    trial_process = saved.get("trial_process", TRIAL_PROCESSES[0])
+    if args.trial_process not in (None, trial_process):
+        raise UserError(
+            f"--resume: the search {args.name!r} trains its trials with --trial-process {trial_process}: drop the flag"
+        )
+    return _spec(args, folder, SearchConfig(**saved["config"]), saved["wandb_mode"], saved["wandb_project"], trial_process)
 
 
 def new_spec(args: argparse.Namespace, overrides: dict[str, Any], storage: Path) -> SearchSpec:
@@ -249,10 +259,13 @@ def new_spec(args: argparse.Namespace, overrides: dict[str, Any], storage: Path)
             f"a search named {name!r} exists in {storage}: continue it with --resume, "
             "pick another --name, or start over with --overwrite"
         )
-    return _spec(args, storage / name, config, args.wandb_mode or default_wandb_mode(), args.wandb_project)
+    wandb_mode, trial_process = args.wandb_mode or default_wandb_mode(), args.trial_process or TRIAL_PROCESSES[0]
+    return _spec(args, storage / name, config, wandb_mode, args.wandb_project, trial_process)
 
 
-def _spec(args: argparse.Namespace, folder: Path, config: SearchConfig, wandb_mode: str, wandb_project: str) -> SearchSpec:
+def _spec(
+    args: argparse.Namespace, folder: Path, config: SearchConfig, wandb_mode: str, wandb_project: str, trial_process: str
+) -> SearchSpec:
     return SearchSpec(
         name=folder.name,
         folder=folder,
@@ -261,7 +274,7 @@ def _spec(args: argparse.Namespace, folder: Path, config: SearchConfig, wandb_mo
         wandb_project=wandb_project,
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
-        trial_process=args.trial_process,
+        trial_process=trial_process,
         address=args.address or os.environ.get("RAY_ADDRESS") or None,
         resume=args.resume,
         overwrite=args.overwrite,
