@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import write_idx, write_tiny_mnist
 
-from text_recognizer.data import DATA_CLASSES, MNIST, FashionMNIST
+from text_recognizer.data import MNIST, FashionMNIST
 from text_recognizer.data.base_data_module import EVAL_BATCH_SIZE, BatchLoader
 from text_recognizer.data.mnist import IDX_FILES, copy_verified
 from text_recognizer.util import UserError
@@ -33,19 +33,6 @@ def data_args(data_dir: Path, **overrides: object) -> argparse.Namespace:
 
 
 # --- config and splits ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("data_class", ["MNIST", "FashionMNIST"])
-def test_config(data_class: str) -> None:
-    config = DATA_CLASSES[data_class]().config()
-    assert set(config) == {"input_dims", "output_dims", "mapping"}
-    assert tuple(config["input_dims"]) == (1, 28, 28)
-    assert tuple(config["output_dims"]) == (1,)
-    assert len(config["mapping"]) == 10
-    if data_class == "MNIST":
-        assert list(config["mapping"]) == list(range(10))
-    else:
-        assert config["mapping"][0] == "T-shirt/top" and config["mapping"][9] == "Ankle boot"
 
 
 class TinyFashionMNIST(FashionMNIST):
