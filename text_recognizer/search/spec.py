@@ -122,9 +122,7 @@ def build_search_parser() -> Parser:
         default=None,
         help=f"GPUs per trial; fractions pack trials (default 1/{TRIALS_PER_GPU} or 0)",
     )
-    add(
-        "--trial-process", choices=TRIAL_PROCESSES, default=None, help="where trials train: their Tune actor (default) or fork"
-    )
+    add("--trial-process", choices=TRIAL_PROCESSES, default=None, help="where trials train: their Tune actor (default) or fork")
     add("--max-concurrent", type=int, default=None, help="most trials running at once (default: as many as resources allow)")
     add("--max-failures", type=int, default=MAX_FAILURES, help=f"retries of a failed trial from its checkpoint ({MAX_FAILURES})")
     add("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
