@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,7 @@ def recipe(
 
     search = load_config(config, space_fixed)
     if max_t is not None:
-        search.max_t = max_t
+        search = replace(search, max_t=max_t)
     space = {**search.param_space(), "data_dir": str(data_dir)}
     space.pop("data_class", None)
     clock = TrialClock()
