@@ -134,20 +134,52 @@ def test_printed_report_and_replay_command_runs(search: tuple[Path, dict, str], 
     )
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert len(re.findall(r"\.wandb$", dry.stdout + dry.stderr, re.M)) == 7  # 6 trials and the summary run
-    replay = shlex.split(best["replay"])
-    assert replay[:2] == ["python", "training/run_experiment.py"]
-    result = subprocess.run(
-        [sys.executable, *replay[1:], f"--data_dir={fashion_dir}", f"--log_dir={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    assert f"test_acc={best['test_acc']:.4f}" in stdout and summary["report"] in stdout
+
+
+def run_experiment(argv: list[str], fashion_dir: Path, tmp_path: Path) -> str:
+    """run_experiment.py as a user types it (from a replay command); returns its stdout."""
+    command = [sys.executable, "training/run_experiment.py", *argv, f"--data_dir={fashion_dir}", f"--log_dir={tmp_path}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "test_acc=" in result.stdout
-    # the replayed run trains the same config for the same epochs as the trial
-    replay_val = fit_and_test(parse_args([*replay[2:], f"--data_dir={fashion_dir}", f"--log_dir={tmp_path}"]))["val_acc"]
-    assert replay_val == pytest.approx(best["metrics"]["val_acc"], abs=0.02)
+    return result.stdout
+
+
+def test_the_winner_is_tested_once_and_agrees_with_run_experiment(search: tuple, fashion_dir: Path, tmp_path: Path) -> None:
+    """Chosen on val, tested once: the same test_acc as run_experiment.py --load_checkpoint on that checkpoint."""
+    _, summary, _ = search
+    best = summary["best"]
+    assert 0.1 < best["test_acc"] <= 1 and best["test_loss"] > 0
+    replay = shlex.split(best["replay"])[2:]
+    stdout = run_experiment(
+        [*replay, f"--load_checkpoint={best['checkpoint']}", "--limit_train_batches=0"], fashion_dir, tmp_path
+    )
+    assert f"test_acc={best['test_acc']:.4f}" in stdout
+
+
+def test_any_trial_replays_as_a_single_run(search: tuple, fashion_dir: Path, tmp_path: Path) -> None:
+    """A trial ASHA stopped, replayed from its command in trials.csv: the same val_acc at the same epoch."""
+    search_dir, summary, _ = search
+    table = pd.read_csv(search_dir / "trials.csv")
+    row = next(r for r in summary["trials"] if r["status"] == "stopped_early")
+    command = table.loc[table["trial_id"] == row["trial_id"], "replay"].item()
+    assert command == row["replay"] and f"--max_epochs={row['epochs']}" in command
+    args = parse_args([*shlex.split(command)[2:], f"--data_dir={fashion_dir}", f"--log_dir={tmp_path}"])
+    # same seed, same data order; only the thread count differs from the trial's (1), so sums differ in the last bits
+    assert fit_and_test(args)["val_acc"] == pytest.approx(row["val_acc"], abs=2e-3)
+    assert "test_acc=" in run_experiment(shlex.split(summary["best"]["replay"])[2:], fashion_dir, tmp_path)
+
+
+def test_the_report_shows_every_trial(search: tuple) -> None:
+    search_dir, summary, _ = search
+    page = Path(summary["report"])
+    assert page == search_dir / "report" / "report.html"
+    text = page.read_text()
+    assert text.count("<tr>") == 1 + 6  # header + one row per trial (6 <= the table's 10)
+    assert text.count('src="data:image/png;base64,') == 4  # self-contained: the figures are in the page
+    for name in ("curves", "parallel_coordinates", "metric_vs_hyperparameters", "importance"):
+        assert (page.parent / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"test_acc <b>{summary['best']['test_acc']:.4f}</b>" in text
 
 
 @pytest.mark.parametrize("trial_process", TRIAL_PROCESSES)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from text_recognizer.util import UserError, check_versions, fail
+from text_recognizer.util import Parser, UserError, check_versions, fail
 
 
 def run_experiment(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -24,7 +26,11 @@ def run_experiment(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def tune_mlp(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run (or resume) a Ray Tune search; returns the summary written to summary.json."""
+    """Run (or resume) a search, returning the summary written to summary.json; or, with `report FOLDER`,
+    write a finished search's offline report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return report(argv[1:])
     from text_recognizer.search.driver import run_search
 
     try:
@@ -35,3 +41,18 @@ def tune_mlp(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if summary["interrupted"]:
         raise SystemExit(130)  # like any program stopped by Ctrl-C; the state is saved for --resume
     return summary
+
+
+def report(argv: Sequence[str]) -> dict[str, Any]:
+    """`tune_mlp.py report FOLDER`: (re)write FOLDER/report/report.html and its PNGs; prints the page's path."""
+    parser = Parser(prog="tune_mlp.py report", description="Write the offline report of a search folder.")
+    parser.add_argument("folder", type=Path, help="a search folder (<storage-path>/<name>)")
+    args = parser.parse_args(argv)
+    from text_recognizer.search.report import write_report
+
+    try:
+        page = write_report(args.folder)
+    except UserError as error:
+        fail(f"tune_mlp.py report: error: {error}")
+    print(page)
+    return {"report": str(page)}

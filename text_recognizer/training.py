@@ -201,6 +201,15 @@ def train(
     return trainer, data, lit_model
 
 
+def test_checkpoint(args: argparse.Namespace, arrays: Arrays | None = None) -> dict[str, float]:
+    """The test split's metrics (test_acc, test_loss) of the weights in args.load_checkpoint, without training."""
+    data, lit_model = build(args, arrays)
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(**{**trainer_args(args), **quiet})
+    (metrics,) = trainer.test(lit_model, datamodule=data, verbose=False)
+    return {key: float(value) for key, value in metrics.items()}
+
+
 def run_loggers(args: argparse.Namespace) -> list[Logger]:
     """A single run logs to CSV, and to W&B with --wandb."""
     loggers: list[Logger] = [CSVLogger(save_dir=args.log_dir, name=f"{args.data_class}_{args.model_class}")]

@@ -20,8 +20,9 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from text_recognizer.data import DATA_CLASSES
 from text_recognizer.facts import SEARCH_FILE
-from text_recognizer.search import tune_actor
+from text_recognizer.search import trial_process, tune_actor
 from text_recognizer.search.cluster import ray_cluster
+from text_recognizer.search.progress import Progress
 from text_recognizer.search.results import TrialClock, collect, print_report, summarize, write_results
 from text_recognizer.search.spec import SearchSpec, describe
 from text_recognizer.search.wandb_logging import WandbTrialCallback, log_summary_run
@@ -36,10 +37,11 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
     arrays = load_data(spec)  # decoded once, before Ray: a missing or corrupt file is a one-line error
     with ray_cluster(spec.address) as nodes:  # 2. start or join Ray
         spec = spec.fitted_to(nodes)
-        grid, clock, wall_seconds = fit(spec, arrays)  # 3. build the Tuner and fit it
+        data = put_data(arrays)  # the dataset goes into Ray's object store once; the driver drops its copy
+        grid, clock, wall_seconds = fit(spec, data)  # 3. build the Tuner and fit it
         rows, best = collect(grid, spec, clock.ready)  # 4. the trials, from the ResultGrid
-    summary = summarize(spec, rows, best, wall_seconds)
-    write_results(summary, spec.folder)  # 5. summary.json, trials.csv
+        summary = summarize(spec, rows, test_winner(spec, best, data, rows), wall_seconds)
+    summary = write_results(summary, spec.folder)  # 5. summary.json, trials.csv, report/report.html
     if spec.wandb_mode != "disabled" and not summary["interrupted"]:  # a resumed search logs it once, at its end
         log_summary_run(spec, summary)  # 6. the W&B summary run
     print_report(summary, spec.top)  # 7.
@@ -51,6 +53,16 @@ def load_data(spec: SearchSpec) -> dict[str, Any]:
     data_class = DATA_CLASSES[spec.config.fixed.get("data_class", DATA_CLASS)]
     data_dir = spec.config.fixed.get("data_dir")
     return data_class.load_arrays(Path(data_dir) if data_dir else data_class(None).data_dir)
+
+
+def test_winner(spec: SearchSpec, best: dict | None, data: ray.ObjectRef, rows: list[dict]) -> dict | None:
+    """The best trial (chosen on val) with its checkpoint's test_acc and test_loss, evaluated once, in a Ray worker
+    with a trial's resources, at the end of a finished search."""
+    if best is None or any(row["status"] in ("interrupted", "pending") for row in rows):
+        return best
+    cpus, gpus = spec.resources
+    evaluate = ray.remote(num_cpus=cpus, num_gpus=gpus)(trial_process.test_winner)
+    return {**best, **ray.get(evaluate.remote(best["config"], best["checkpoint"], data))}
 
 
 def put_data(arrays: dict[str, Any]) -> ray.ObjectRef:
@@ -100,7 +112,7 @@ def run_config(spec: SearchSpec, callbacks: list[tune.Callback]) -> tune.RunConf
             num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute=spec.config.metric, checkpoint_score_order=spec.config.mode
         ),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        verbose=0 if spec.quiet else 1,
+        verbose=2 if spec.output == "tune" else 0,
     )
 
 
@@ -125,14 +137,17 @@ def open_folder(spec: SearchSpec) -> dict[str, Any]:
     return record
 
 
-def fit(spec: SearchSpec, arrays: dict[str, Any]) -> tuple[tune.ResultGrid, TrialClock, float]:
+def fit(spec: SearchSpec, data: ray.ObjectRef) -> tuple[tune.ResultGrid, TrialClock, float]:
     """Build the Tuner (or restore it, with --resume) and fit it; returns its ResultGrid, the trials' start clock
     and the search's wall seconds over all its drivers."""
     record = open_folder(spec)
-    function = trainable(spec, put_data(arrays))
+    function = trainable(spec, data)
     clock, wandb_callback = TrialClock(), WandbTrialCallback(spec)
     callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), clock]
     callbacks += [wandb_callback] if spec.wandb_mode != "disabled" else []
+    if spec.output == "progress":
+        config = spec.config
+        callbacks.append(Progress(config.metric, config.mode, config.max_t, list(config.space)))
     if spec.resume:
         tuner = tune.Tuner.restore(str(spec.folder), function, resume_unfinished=True, resume_errored=True)
         replace_callbacks(tuner, callbacks)
@@ -141,7 +156,7 @@ def fit(spec: SearchSpec, arrays: dict[str, Any]) -> tuple[tune.ResultGrid, Tria
             function, param_space=spec.config.param_space(), tune_config=tune_config(spec), run_config=run_config(spec, callbacks)
         )
     began = time.time()
-    with tune_environment():
+    with tune_environment(spec.output):
         grid = tuner.fit()
     wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over
     record["wall_seconds"] += time.time() - began
@@ -150,9 +165,11 @@ def fit(spec: SearchSpec, arrays: dict[str, Any]) -> tuple[tune.ResultGrid, Tria
 
 
 @contextmanager
-def tune_environment() -> Iterator[None]:
+def tune_environment(output: str) -> Iterator[None]:
     """Tune settings that only exist as environment variables, for the duration of one search."""
     values = {
+        # Tune's newer console output prints a settings box even at verbose=0: only --verbose wants Tune's output
+        "RAY_AIR_NEW_OUTPUT": "1" if output == "tune" else "0",
         "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # JSON and CSV are given explicitly: no TensorBoard files per trial
         # a snapshot per checkpoint is what makes --resume lose nothing; don't warn about its cost
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",

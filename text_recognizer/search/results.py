@@ -19,6 +19,7 @@ import pandas as pd
 from ray.tune import Callback, Result
 
 from text_recognizer.facts import CHECKPOINT_NAME, FINAL_STATUSES, replay_command, resume_command, trial_status
+from text_recognizer.search.report import write_report
 from text_recognizer.search.spec import SearchSpec
 
 FINAL_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
@@ -79,6 +80,7 @@ def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float]) 
         "gpu_ids": last.get("gpu_ids"),
         "cuda_visible_devices": last.get("cuda_visible_devices"),
         "failures": _failures(Path(result.path)),
+        "replay": replay_command(dict(result.config or {}), int(last.get("training_iteration", 0)) or None),
         "error": str(Path(result.path) / ERROR_FILE) if result.error is not None else None,
     }
     if trial_id in trial_starts and len(frame) and "first_step_at" in frame:
@@ -155,12 +157,16 @@ def summarize(spec: SearchSpec, rows: list[dict], best: dict | None, wall_second
     return summary
 
 
-def write_results(summary: dict[str, Any], folder: Path) -> None:
-    """summary.json and trials.csv (one row per trial, its config flattened into columns)."""
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+def write_results(summary: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """summary.json, trials.csv (one row per trial, its config flattened into columns) and the offline report;
+    returns the summary with the report's path."""
     rows = summary["trials"]
     flat = [{**{k: v for k, v in row.items() if k != "config"}, **row["config"]} for row in rows]
     pd.DataFrame(flat).to_csv(folder / "trials.csv", index=False)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary = {**summary, "report": str(write_report(folder))}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
 
 
 def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdout) -> None:
@@ -189,11 +195,18 @@ def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdou
             f"checkpoint {best['checkpoint']}",
             file=file,
         )
+        if best.get("test_acc") is not None:
+            print(
+                f"On the test split (evaluated once): test_acc={best['test_acc']:.4f} test_loss={best['test_loss']:.4f}",
+                file=file,
+            )
         print(f"Replay it:\n  {best['replay']}", file=file)
     else:
         print("\nNo trial produced a finite metric.", file=file)
     if summary["wandb"].get("sync_command"):
         print(f"W&B runs are offline; upload them with:\n  {summary['wandb']['sync_command']}", file=file)
+    if summary.get("report"):
+        print(f"Report: {summary['report']}", file=file)
     if summary["interrupted"]:
         print(f"\nThe search was interrupted; its state is saved. Continue it with:\n  {summary['resume_command']}", file=file)
 

@@ -51,7 +51,7 @@ class SearchSpec:
     max_failures: int = MAX_FAILURES
     max_concurrent: int | None = None
     top: int = 5
-    quiet: bool = False
+    output: str = "progress"  # progress (a line per finished trial, a status line), tune (Tune's own), quiet
 
     def saved(self) -> dict[str, Any]:
         """What --resume needs again, written to the search folder's SEARCH_FILE."""
@@ -137,7 +137,9 @@ def build_search_parser() -> Parser:
     )
     add("--smoke-test", action="store_true", help=f"a seconds-long search: the shipped {SMOKE_CONFIG.stem} config")
     add("--top", type=int, default=5, help="trials shown in the final table (default 5)")
-    add("--quiet", action="store_true", help="no Tune progress tables")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--verbose", action="store_true", help="Tune's own full output instead of our progress lines")
+    output.add_argument("--quiet", action="store_true", help="print only the final report")
     return parser
 
 
@@ -279,7 +281,7 @@ def _spec(
         max_failures=args.max_failures,
         max_concurrent=args.max_concurrent,
         top=args.top,
-        quiet=args.quiet,
+        output="quiet" if args.quiet else "tune" if args.verbose else "progress",
     )
 
 

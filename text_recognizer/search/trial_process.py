@@ -23,7 +23,7 @@ import torch
 from pytorch_lightning.callbacks import Checkpoint
 
 from text_recognizer.facts import CHECKPOINT_NAME, config_to_argv
-from text_recognizer.training import EpochTimer, epoch_metrics, parse_args, train
+from text_recognizer.training import EpochTimer, epoch_metrics, parse_args, test_checkpoint, train
 
 # report(metrics, checkpoint folder): returns once Tune took the epoch; the folder is the reporter's to remove
 Report = Callable[[dict[str, Any], str], None]
@@ -129,3 +129,10 @@ def run_in_fork(connection: Connection, request: dict[str, Any], arrays: dict[st
         connection.recv()  # Tune took it: go on (EOFError when the actor is gone ends the process)
 
     train_trial(request["config"], arrays, report, **request["trial"])
+
+
+def test_winner(config: dict[str, Any], checkpoint: str, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """Runs in a Ray worker, like a trial: the test metrics of a trial's checkpoint, its config parsed as
+    run_experiment.py would (so `run_experiment.py ... --load_checkpoint CKPT --limit_train_batches=0` agrees)."""
+    args = parse_args(config_to_argv({**config, "load_checkpoint": checkpoint}), prog="test")
+    return test_checkpoint(args, arrays)

@@ -167,6 +167,7 @@ def log_summary_run(spec: SearchSpec, summary: dict[str, Any]) -> str:
         artifact.add_file(best["checkpoint"], name="model.ckpt")
         run.log_artifact(artifact)
         run.summary.update({"best_trial_id": best["trial_id"], best_key: best["value"]})
+        run.summary.update({key: best[key] for key in ("test_acc", "test_loss") if best.get(key) is not None})
     run.summary.update({"num_trials": summary["num_trials"], "total_epochs": summary["total_epochs"]})
     run.finish()
     return run.dir

@@ -1,0 +1,257 @@
+"""Runs in the driver at the end of a search, or on demand (`text-recognizer-search report FOLDER`): an offline
+report anyone can open, `report.html` with its PNGs in `<search>/report/`, built from summary.json and Tune's
+per-trial result.json files (no W&B needed)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from text_recognizer.util import UserError  # noqa: E402
+
+REPORT_DIR = "report"
+TOP = 10  # rows of the report's table
+IMPORTANCE_METHOD = "eta²: share of the metric's variance explained\nby each hyperparameter alone (its groups' means)"
+
+
+def load_search(folder: Path) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+    """A finished search's summary and each trial's results (one dict per epoch), by trial id."""
+    if not (folder / "summary.json").is_file():
+        raise UserError(f"{folder}: not a search folder (no summary.json)")
+    summary = json.loads((folder / "summary.json").read_text())
+    curves = {}
+    for row in summary["trials"]:
+        path = folder / f"trial_{row['trial_id']}" / "result.json"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        by_epoch = {}
+        for line in lines:
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a killed driver
+                continue
+            by_epoch[result["training_iteration"]] = result  # a retried epoch: its newest result
+        curves[row["trial_id"]] = [by_epoch[epoch] for epoch in sorted(by_epoch)]
+    return summary, curves
+
+
+def rungs(settings: dict[str, Any]) -> list[int]:
+    """ASHA's rungs, in epochs: grace_period * reduction_factor^k below max_t."""
+    rung, found = settings["grace_period"], []
+    while rung < settings["max_t"]:
+        found.append(int(rung))
+        rung *= settings["reduction_factor"]
+    return found
+
+
+def plot_curves(summary: dict[str, Any], curves: dict[str, list[dict]], path: Path) -> int:
+    """The metric per epoch, one line per trial; a trial ASHA stopped ends in a cross at its rung. Returns the
+    number of curves drawn."""
+    metric, settings = summary["settings"]["metric"], summary["settings"]
+    status = {row["trial_id"]: row["status"] for row in summary["trials"]}
+    figure, axes = plt.subplots(figsize=(9, 5))
+    drawn = 0
+    for rung in rungs(settings):
+        axes.axvline(rung, color="0.85", linestyle="--", zorder=0)
+    for trial_id, results in curves.items():
+        epochs = [r["training_iteration"] for r in results if _finite(r.get(metric))]
+        values = [r[metric] for r in results if _finite(r.get(metric))]
+        if not values:
+            continue
+        (line,) = axes.plot(epochs, values, marker=".", linewidth=1, alpha=0.8)
+        drawn += 1
+        if status[trial_id] == "stopped_early":
+            axes.plot(epochs[-1], values[-1], marker="x", markersize=9, color=line.get_color())
+    axes.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch, {drawn} trials (x: stopped by ASHA; dashed: rungs)")
+    axes.set_xlim(0.5, settings["max_t"] + 0.5)
+    _save(figure, path)
+    return drawn
+
+
+def numeric_axis(values: list[Any], spec: dict[str, Any]) -> tuple[np.ndarray, list[str], bool]:
+    """A hyperparameter's values as numbers for plotting, tick labels for categories, and whether to use a log scale."""
+    kind, choices = next(iter(spec.items()))
+    if kind in ("choice", "grid") and not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
+        labels = [str(c) for c in choices]
+        return np.array([labels.index(str(v)) if str(v) in labels else np.nan for v in values], float), labels, False
+    return np.array([v if v is not None else np.nan for v in values], float), [], kind == "loguniform"
+
+
+def searched(summary: dict[str, Any]) -> tuple[list[dict], list[str], np.ndarray]:
+    """The trials with a finite best metric, the searched hyperparameters, and the best metric of each trial."""
+    key = f"best_{summary['settings']['metric']}"
+    rows = [row for row in summary["trials"] if _finite(row.get(key))]
+    return rows, list(summary["space"]), np.array([row[key] for row in rows], float)
+
+
+def plot_parallel(summary: dict[str, Any], path: Path) -> None:
+    """Parallel coordinates: one axis per hyperparameter and one for the metric, a line per trial coloured by it."""
+    rows, params, metric_values = searched(summary)
+    figure, axes = plt.subplots(figsize=(max(6, 1.8 * (len(params) + 1)), 5))
+    columns, labels = [], []
+    for param in params:
+        values, ticks, log = numeric_axis([row["config"].get(param) for row in rows], summary["space"][param])
+        values = np.log10(values) if log else values
+        finite = values[np.isfinite(values)]
+        low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+        columns.append((values - low) / (high - low or 1))
+        labels.append(ticks or [f"{10**low:.2g}" if log else f"{low:.3g}", f"{10**high:.2g}" if log else f"{high:.3g}"])
+    low, high = (metric_values.min(), metric_values.max()) if len(metric_values) else (0, 1)
+    columns.append((metric_values - low) / (high - low or 1))
+    labels.append([f"{low:.4f}", f"{high:.4f}"])
+    names = [*params, summary["settings"]["metric"]]
+    colours = plt.get_cmap("viridis")((metric_values - low) / (high - low or 1))
+    for i in np.argsort(metric_values):  # the best drawn last, on top
+        axes.plot(range(len(names)), [column[i] for column in columns], color=colours[i], alpha=0.8)
+    for x, ticks in enumerate(labels):
+        axes.axvline(x, color="0.3", linewidth=0.8)
+        positions = np.linspace(0, 1, len(ticks))
+        for y, tick in zip(positions, ticks, strict=True):
+            axes.annotate(tick, (x, y), xytext=(4, 0), textcoords="offset points", fontsize=8, va="center")
+    axes.set_xticks(range(len(names)), names)
+    axes.set_yticks([])
+    axes.set_title(f"parallel coordinates of {len(rows)} trials, coloured by best {summary['settings']['metric']}")
+    _save(figure, path)
+
+
+def plot_scatter(summary: dict[str, Any], path: Path) -> None:
+    """The best metric of each trial against each hyperparameter."""
+    rows, params, metric_values = searched(summary)
+    across = min(3, len(params))
+    down = math.ceil(len(params) / across)
+    figure, grid = plt.subplots(down, across, figsize=(4 * across, 3.2 * down), squeeze=False, sharey=True)
+    for axes in grid.flat[len(params) :]:
+        axes.set_visible(False)
+    for axes, param in zip(grid.flat, params, strict=False):
+        values, ticks, log = numeric_axis([row["config"].get(param) for row in rows], summary["space"][param])
+        axes.scatter(values, metric_values, s=18, alpha=0.8)
+        if log:
+            axes.set_xscale("log")
+        if ticks:
+            axes.set_xticks(range(len(ticks)), ticks)
+        axes.set_xlabel(param)
+    for row in grid:
+        row[0].set_ylabel(f"best {summary['settings']['metric']}")
+    _save(figure, path)
+
+
+def importance(summary: dict[str, Any]) -> dict[str, float]:
+    """Each hyperparameter's eta²: the share of the variance of the best metric that its groups (its categories,
+    or quantile bins of a number, at least 3 trials a bin) explain alone. 0 for nothing, 1 for everything; a
+    rough, model-free estimate that few trials overstate."""
+    rows, params, metric_values = searched(summary)
+    bins = max(2, min(4, len(rows) // 3))
+    total = float(np.var(metric_values)) if len(metric_values) > 1 else 0.0
+    scores = {}
+    for param in params:
+        values, ticks, _ = numeric_axis([row["config"].get(param) for row in rows], summary["space"][param])
+        if ticks or len(set(values.tolist())) <= bins:
+            groups = values
+        else:
+            edges = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
+            groups = np.digitize(values, edges)
+        between = sum(
+            (groups == g).sum() * (metric_values[groups == g].mean() - metric_values.mean()) ** 2 for g in np.unique(groups)
+        )
+        scores[param] = float(between / len(metric_values) / total) if total else 0.0
+    return scores
+
+
+def plot_importance(scores: dict[str, float], path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(7, 0.5 * len(scores) + 2))
+    ordered = sorted(scores, key=scores.get)
+    axes.barh(ordered, [scores[p] for p in ordered], color="tab:blue")
+    axes.set_xlim(0, 1)
+    axes.set_title(f"parameter importance, {IMPORTANCE_METHOD}", fontsize=10)
+    _save(figure, path)
+
+
+def write_report(folder: Path, top: int = TOP) -> Path:
+    """Write <folder>/report/report.html and its PNGs; returns the HTML's path."""
+    summary, curves = load_search(folder)
+    out = folder / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    figures = {
+        "curves.png": lambda p: plot_curves(summary, curves, p),
+        "parallel_coordinates.png": lambda p: plot_parallel(summary, p),
+        "metric_vs_hyperparameters.png": lambda p: plot_scatter(summary, p),
+        "importance.png": lambda p: plot_importance(importance(summary), p),
+    }
+    for name, draw in figures.items():
+        draw(out / name)
+    page = out / "report.html"
+    page.write_text(render(summary, {name: out / name for name in figures}, top))
+    return page
+
+
+def render(summary: dict[str, Any], images: dict[str, Path], top: int) -> str:
+    """The page: headline, the best trial with its test accuracy, the top-k table, the figures (embedded)."""
+    metric = summary["settings"]["metric"]
+    key = f"best_{metric}"
+    ranked = sorted(
+        (row for row in summary["trials"] if _finite(row.get(key)) and row["status"] != "diverged"),
+        key=lambda row: row[key],
+        reverse=summary["settings"]["mode"] == "max",
+    )
+    params = list(summary["space"])
+    head = ["rank", "trial", key, "epochs", "status", *params]
+    body = [
+        [str(rank), row["trial_id"], f"{row[key]:.4f}", str(row["epochs"]), row["status"]]
+        + [_short(row["config"].get(p)) for p in params]
+        for rank, row in enumerate(ranked[:top], 1)
+    ]
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>"
+    best = summary.get("best")
+    if best:
+        test = best.get("test_acc")
+        verdict = f"test_acc <b>{test:.4f}</b> (test_loss {best['test_loss']:.4f})" if test is not None else "not tested"
+        winner = (
+            f"<p>Best trial <b>{html.escape(best['trial_id'])}</b>: {metric} {best['value']:.4f} at epoch {best['epoch']}; "
+            f"on the test split, evaluated once: {verdict}.</p><pre>{html.escape(best['replay'])}</pre>"
+        )
+    else:
+        winner = "<p>No trial produced a finite metric.</p>"
+    figures = "".join(
+        f'<figure><img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" alt="{name}">'
+        f"<figcaption>{name}</figcaption></figure>"
+        for name, path in images.items()
+    )
+    counts = ", ".join(f"{n} {status}" for status, n in summary["statuses"].items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Search {html.escape(summary["name"])}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{max-width:100%}} pre{{white-space:pre-wrap}}</style>
+</head><body>
+<h1>Search {html.escape(summary["name"])}</h1>
+<p>{summary["num_trials"]} trials ({html.escape(counts)}), {summary["total_epochs"]} epochs,
+{summary["wall_seconds"]:.0f} s; metric {html.escape(metric)} ({summary["settings"]["mode"]}).</p>
+{winner}
+<h2>Top {min(top, len(ranked))} trials</h2>{table}
+{figures}
+</body></html>
+"""
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _save(figure: Any, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
