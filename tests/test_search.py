@@ -17,6 +17,7 @@ import torch
 from conftest import ROOT, TRIAL_PROCESSES, finish, results, summary_of
 
 from text_recognizer.data import FashionMNIST
+from text_recognizer.search.sweep import prior_run_ids, sync_command
 from text_recognizer.search.wandb_files import offline_runs
 from text_recognizer.training import fit_and_test, parse_args
 
@@ -94,7 +95,7 @@ def test_wandb_offline_runs_read_back(search: tuple[Path, dict, str]) -> None:
         assert run.summary["epochs_trained"] == row["epochs"]
         assert run.summary["stopped_by_asha"] == (row["status"] == "stopped_early")
         assert run.summary["best_val_acc"] == pytest.approx(row["best_val_acc"])
-        assert run.exit_code == 0
+        assert run.exit_code == 0 and not run.sweep_id  # offline: no sweep the server doesn't know
     summary_run = runs["e2e-summary"]
     assert summary_run.job_type == "summary" and summary_run.summary["num_trials"] == 6
     assert summary_run.history[0]["trials/nrows"] == 6
@@ -126,14 +127,16 @@ def test_printed_report_and_replay_command_runs(search: tuple[Path, dict, str], 
     _, summary, stdout = search
     best = summary["best"]
     assert f"Best trial {best['trial_id']}" in stdout and best["replay"] in stdout
-    sync = summary["wandb"]["sync_command"]
-    assert sync in stdout
-    # the printed command is one the installed wandb CLI accepts, and it names every run once
-    dry = subprocess.run(
-        sync.replace("wandb sync", "wandb sync --dry-run"), shell=True, capture_output=True, text=True, timeout=120
-    )
+    search_dir = Path(summary["search_dir"])
+    assert summary["wandb"]["sync_command"] == f"python search/tune_mlp.py sync {search_dir}"
+    assert summary["wandb"]["sync_command"] in stdout
+    # what that command runs first is one the installed wandb CLI accepts, and it names every run once
+    command = sync_command(search_dir)
+    dry = subprocess.run([*command[:2], "--dry-run", *command[2:]], capture_output=True, text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert len(re.findall(r"\.wandb$", dry.stdout + dry.stderr, re.M)) == 7  # 6 trials and the summary run
+    # then the sweep is made of the 6 trial runs
+    assert prior_run_ids(search_dir, "e2e") == sorted(f"e2e-{row['trial_id']}" for row in summary["trials"])
     assert f"test_acc={best['test_acc']:.4f}" in stdout and summary["report"] in stdout
 
 

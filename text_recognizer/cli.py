@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from text_recognizer.facts import SEARCH_FILE
 from text_recognizer.util import Parser, UserError, check_versions, fail
 
 
@@ -31,6 +33,8 @@ def tune_mlp(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         return report(argv[1:])
+    if argv[:1] == ["sync"]:
+        return sync(argv[1:])
     from text_recognizer.search.driver import run_search
 
     try:
@@ -56,3 +60,19 @@ def report(argv: Sequence[str]) -> dict[str, Any]:
         fail(f"tune_mlp.py report: error: {error}")
     print(page)
     return {"report": str(page)}
+
+
+def sync(argv: Sequence[str]) -> dict[str, Any]:
+    """`tune_mlp.py sync FOLDER`: upload an offline search's W&B runs, then create its W&B sweep from them."""
+    parser = Parser(prog="tune_mlp.py sync", description="Upload a search's offline W&B runs as one W&B sweep.")
+    parser.add_argument("folder", type=Path, help="a search folder (<storage-path>/<name>) logged with --wandb-mode offline")
+    args = parser.parse_args(argv)
+    from text_recognizer.search.config import SearchConfig
+    from text_recognizer.search.sweep import sync as sync_search
+
+    saved_file = args.folder / SEARCH_FILE
+    if not saved_file.is_file() or not list(args.folder.glob("wandb/offline-run-*")):
+        fail(f"tune_mlp.py sync: error: {args.folder}: no search with offline W&B runs there")
+    saved = json.loads(saved_file.read_text())
+    sweep_id = sync_search(args.folder, args.folder.name, SearchConfig(**saved["config"]), saved["wandb_project"])
+    return {"sweep_id": sweep_id}

@@ -157,7 +157,7 @@ def build(args: argparse.Namespace, arrays: Arrays | None = None) -> tuple[BaseD
     data = DATA_CLASSES[args.data_class](args, arrays=arrays)
     data.prepare_data()  # before the Trainer: missing or corrupt data is a one-line error, not after its banner
     model = MODEL_CLASSES[args.model_class](data_config=data.config(), args=args)
-    lit_model = BaseLitModel(model=model, args=args)
+    lit_model = BaseLitModel(model=model, args=args, data_config=data.config())
     if args.load_checkpoint:
         state = torch.load(args.load_checkpoint, map_location="cpu", weights_only=True)
         lit_model.load_state_dict(state["state_dict"])

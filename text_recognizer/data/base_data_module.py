@@ -95,8 +95,10 @@ class BaseDataModule(pl.LightningDataModule):
         return parser
 
     def config(self) -> dict[str, Any]:
-        """What a model may know about its data: input dims, output dims and the class mapping."""
-        return {"input_dims": self.dims, "output_dims": self.output_dims, "mapping": self.mapping}
+        """What a model (and a prediction) may know about its data: input dims, output dims, the class mapping and
+        the normalization of the inputs (x / 255 - mean) / std. Plain values: checkpoints keep them."""
+        normalization = {"mean": float(getattr(self, "mean", 0.0)), "std": float(getattr(self, "std", 1.0))}
+        return {"input_dims": self.dims, "output_dims": self.output_dims, "mapping": self.mapping, "normalization": normalization}
 
     @classmethod
     def load_arrays(cls, data_dir: Path) -> Arrays:

@@ -24,10 +24,13 @@ LOSSES = ("cross_entropy", "nll_loss", "multi_margin_loss")
 class BaseLitModel(pl.LightningModule):
     """Trains a classifier; logs train_loss, train_acc, val_loss, val_acc and test_acc once per epoch."""
 
-    def __init__(self, model: torch.nn.Module, args: argparse.Namespace | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, args: argparse.Namespace | None = None, data_config: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.args = vars(args) if args is not None else {}
+        self.data_config = data_config or {}  # saved in checkpoints: what predict needs to read an image
         optimizer, loss = self.args.get("optimizer", OPTIMIZER), self.args.get("loss", LOSS)
         if optimizer not in OPTIMIZERS or loss not in LOSSES:  # never getattr an arbitrary user string
             raise ValueError(f"optimizer must be one of {OPTIMIZERS} and loss one of {LOSSES}")
@@ -119,3 +122,8 @@ class BaseLitModel(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # plain types only, so the checkpoint loads with torch.load(weights_only=True) and replays its run
         checkpoint["run_args"] = {k: v for k, v in self.args.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        checkpoint["data_config"] = {
+            "input_dims": list(self.data_config.get("input_dims", ())),
+            "mapping": list(self.data_config.get("mapping", ())),
+            "normalization": dict(self.data_config.get("normalization", {})),
+        }

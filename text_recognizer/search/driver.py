@@ -25,7 +25,8 @@ from text_recognizer.search.cluster import ray_cluster
 from text_recognizer.search.progress import Progress
 from text_recognizer.search.results import TrialClock, collect, print_report, summarize, write_results
 from text_recognizer.search.spec import SearchSpec, describe
-from text_recognizer.search.wandb_logging import WandbTrialCallback, log_summary_run
+from text_recognizer.search.sweep import create_sweep, sweep_config
+from text_recognizer.search.wandb_logging import WandbTrialCallback, finish_search
 from text_recognizer.training import DATA_CLASS
 
 CHECKPOINTS_KEPT = 2  # the best two by the metric (Tune always keeps the newest too, for resuming)
@@ -38,12 +39,12 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with ray_cluster(spec.address) as nodes:  # 2. start or join Ray
         spec = spec.fitted_to(nodes)
         data = put_data(arrays)  # the dataset goes into Ray's object store once; the driver drops its copy
-        grid, clock, wall_seconds = fit(spec, data)  # 3. build the Tuner and fit it
+        grid, clock, wall_seconds, sweep_id = fit(spec, data)  # 3. build the Tuner and fit it
         rows, best = collect(grid, spec, clock.ready)  # 4. the trials, from the ResultGrid
-        summary = summarize(spec, rows, test_winner(spec, best, data, rows), wall_seconds)
+        summary = summarize(spec, rows, test_winner(spec, best, data, rows), wall_seconds, sweep_id)
     summary = write_results(summary, spec.folder)  # 5. summary.json, trials.csv, report/report.html
     if spec.wandb_mode != "disabled" and not summary["interrupted"]:  # a resumed search logs it once, at its end
-        log_summary_run(spec, summary)  # 6. the W&B summary run
+        finish_search(spec, summary, summary["wandb"].get("sweep_id"))  # 6. the W&B summary run; the sweep stops
     print_report(summary, spec.top)  # 7.
     return summary
 
@@ -132,17 +133,19 @@ def open_folder(spec: SearchSpec) -> dict[str, Any]:
         shutil.rmtree(spec.folder)  # only now: every check passed, the data loaded and Ray started
     spec.folder.mkdir(parents=True, exist_ok=True)
     previous = json.loads((spec.folder / SEARCH_FILE).read_text()) if spec.resume else {}
-    record = {**spec.saved(), "wall_seconds": previous.get("wall_seconds", 0.0)}
+    record = {**spec.saved(), "wall_seconds": previous.get("wall_seconds", 0.0), "sweep_id": previous.get("sweep_id")}
+    if spec.wandb_mode == "online" and not record["sweep_id"]:  # offline, `sync FOLDER` makes the sweep later
+        record["sweep_id"] = create_sweep(sweep_config(spec.name, spec.config), spec.wandb_project)
     (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
     return record
 
 
-def fit(spec: SearchSpec, data: ray.ObjectRef) -> tuple[tune.ResultGrid, TrialClock, float]:
-    """Build the Tuner (or restore it, with --resume) and fit it; returns its ResultGrid, the trials' start clock
-    and the search's wall seconds over all its drivers."""
+def fit(spec: SearchSpec, data: ray.ObjectRef) -> tuple[tune.ResultGrid, TrialClock, float, str | None]:
+    """Build the Tuner (or restore it, with --resume) and fit it; returns its ResultGrid, the trials' start clock,
+    the search's wall seconds over all its drivers and its W&B sweep (online)."""
     record = open_folder(spec)
     function = trainable(spec, data)
-    clock, wandb_callback = TrialClock(), WandbTrialCallback(spec)
+    clock, wandb_callback = TrialClock(), WandbTrialCallback(spec, record["sweep_id"])
     callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), clock]
     callbacks += [wandb_callback] if spec.wandb_mode != "disabled" else []
     if spec.output == "progress":
@@ -161,7 +164,7 @@ def fit(spec: SearchSpec, data: ray.ObjectRef) -> tuple[tune.ResultGrid, TrialCl
     wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over
     record["wall_seconds"] += time.time() - began
     (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
-    return grid, clock, record["wall_seconds"]
+    return grid, clock, record["wall_seconds"], record["sweep_id"]
 
 
 @contextmanager

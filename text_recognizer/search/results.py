@@ -23,6 +23,7 @@ from text_recognizer.search.report import write_report
 from text_recognizer.search.spec import SearchSpec
 
 FINAL_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
+SYNC_COMMAND = ("python", "search/tune_mlp.py", "sync")
 ERROR_FILE = "error.txt"  # Tune appends "Failure # N" to it in the trial's folder at every failure
 
 
@@ -124,7 +125,9 @@ def collect(results: Iterable[Result], spec: SearchSpec, trial_starts: dict[str,
     return rows, best
 
 
-def summarize(spec: SearchSpec, rows: list[dict], best: dict | None, wall_seconds: float) -> dict[str, Any]:
+def summarize(
+    spec: SearchSpec, rows: list[dict], best: dict | None, wall_seconds: float, sweep_id: str | None = None
+) -> dict[str, Any]:
     """The summary of a search (what summary.json holds)."""
     statuses: dict[str, int] = {}
     for row in rows:
@@ -148,10 +151,10 @@ def summarize(spec: SearchSpec, rows: list[dict], best: dict | None, wall_second
         "startup_seconds_median": statistics.median(startups) if startups else None,
         "best": best,
         "trials": rows,
-        "wandb": {"mode": spec.wandb_mode, "project": spec.wandb_project},
+        "wandb": {"mode": spec.wandb_mode, "project": spec.wandb_project, "sweep_id": sweep_id},
     }
-    if spec.wandb_mode == "offline" and not interrupted:
-        summary["wandb"]["sync_command"] = f"wandb sync {shlex.quote(str(spec.folder / 'wandb'))}/offline-run-*"
+    if spec.wandb_mode == "offline" and not interrupted:  # uploads the runs, then makes them a sweep
+        summary["wandb"]["sync_command"] = shlex.join([*SYNC_COMMAND, str(spec.folder)])
     if interrupted:
         summary["resume_command"] = resume_command(spec.name, str(spec.folder.parent))
     return summary
@@ -204,7 +207,7 @@ def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdou
     else:
         print("\nNo trial produced a finite metric.", file=file)
     if summary["wandb"].get("sync_command"):
-        print(f"W&B runs are offline; upload them with:\n  {summary['wandb']['sync_command']}", file=file)
+        print(f"W&B runs are offline; upload them as a W&B sweep with:\n  {summary['wandb']['sync_command']}", file=file)
     if summary.get("report"):
         print(f"Report: {summary['report']}", file=file)
     if summary["interrupted"]:

@@ -66,6 +66,7 @@ class OfflineRun:
     name: str = ""
     group: str = ""
     job_type: str = ""
+    sweep_id: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -88,7 +89,7 @@ def read_run(path: Path) -> OfflineRun:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run.id, run.name = record.run.run_id, record.run.display_name
-            run.group, run.job_type = record.run.run_group, record.run.job_type
+            run.group, run.job_type, run.sweep_id = record.run.run_group, record.run.job_type, record.run.sweep_id
             for item in record.run.config.update:
                 run.config[_key(item)] = _value(item)
         elif kind == "config":

@@ -15,6 +15,7 @@ import wandb
 from ray import tune
 
 from text_recognizer.facts import trial_status, wandb_run_id
+from text_recognizer.search import sweep
 from text_recognizer.search.spec import SearchSpec
 
 # what a trial run's history holds, one row per epoch
@@ -22,23 +23,30 @@ HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds
 SUMMARY_COLUMNS = ("status", "epochs", "val_acc", "val_loss", "train_acc", "train_loss")  # + best_<metric>
 
 
-def _settings() -> Any:
-    # no system-metrics sampling or code/git capture in the driver: it hosts many runs at once
+def run_settings(sweep_id: str | None = None) -> Any:
+    """The settings of every run the driver starts: no system-metrics sampling or code/git capture (the driver hosts
+    many runs at once) and, online, the sweep the run belongs to."""
     return wandb.Settings(
-        silent=True, x_disable_stats=True, x_disable_machine_info=True, disable_git=True, save_code=False, console="off"
+        silent=True,
+        x_disable_stats=True,
+        x_disable_machine_info=True,
+        disable_git=True,
+        save_code=False,
+        console="off",
+        **sweep.run_settings(sweep_id),
     )
 
 
-def init_run(**kwargs: Any) -> Any:
+def init_run(sweep_id: str | None = None, **kwargs: Any) -> Any:
     """wandb.init for one of several concurrent runs in this process."""
-    return wandb.init(reinit="create_new", resume="allow", settings=_settings(), **kwargs)
+    return wandb.init(reinit="create_new", resume="allow", settings=run_settings(sweep_id), **kwargs)
 
 
 class WandbTrialCallback(tune.Callback):
     """A Tune callback that mirrors every trial into a W&B run: config, per-epoch history, final summary."""
 
-    def __init__(self, spec: SearchSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec: SearchSpec, sweep_id: str | None = None) -> None:
+        self.spec, self.sweep_id = spec, sweep_id
         self.search_dir = Path(spec.folder)
         self.runs: dict[str, Any] = {}
         self.trials: dict[str, Any] = {}  # the Tune trial of each open run, to finish it if the search is interrupted
@@ -51,6 +59,7 @@ class WandbTrialCallback(tune.Callback):
         identifier = wandb_run_id(self.spec.name, trial.trial_id)
         earlier = self._take_over_offline_run(identifier, trial) if self.spec.wandb_mode == "offline" else []
         run = init_run(
+            self.sweep_id,
             project=self.spec.wandb_project,
             id=identifier,
             name=str(trial),
@@ -136,6 +145,13 @@ class WandbTrialCallback(tune.Callback):
         """Finish the runs of trials still running (the search was interrupted): --resume takes them over."""
         for trial in list(self.trials.values()):
             self._finish(trial, done=False)
+
+
+def finish_search(spec: SearchSpec, summary: dict[str, Any], sweep_id: str | None) -> None:
+    """The end of a finished search in W&B: its summary run, and (online) its sweep marked finished."""
+    log_summary_run(spec, summary)
+    if sweep_id:
+        sweep.stop_sweep(sweep_id, spec.wandb_project)
 
 
 def log_summary_run(spec: SearchSpec, summary: dict[str, Any]) -> str:

@@ -1,0 +1,90 @@
+"""The W&B sweep of a search, as far as it goes without a W&B server: the sweep config, what each trial run carries,
+the prior-run ids and the sync command. create_sweep and stop_sweep (the server calls) are not run here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from text_recognizer.search.config import load_config
+from text_recognizer.search.spec import SearchSpec
+from text_recognizer.search.sweep import prior_run_ids, sweep_config, sync_command
+from text_recognizer.search.wandb_files import offline_runs
+from text_recognizer.search.wandb_logging import WandbTrialCallback, init_run, run_settings
+
+YAML = """
+metric: val_loss
+mode: min
+scheduler: {max_t: 6}
+fixed: {data_class: FashionMNIST, limit_train_batches: 8}
+space:
+  fc1: {choice: [16, 64]}
+  fc2: {randint: [8, 33]}
+  dropout: {uniform: [0.0, 0.5]}
+  lr: {loguniform: [1.0e-4, 1.0e-2]}
+  optimizer: {grid: [Adam, SGD]}
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path):
+    (tmp_path / "s.yaml").write_text(YAML)
+    return load_config(tmp_path / "s.yaml")
+
+
+def test_the_sweep_mirrors_the_search_space(config) -> None:
+    sweep = sweep_config("my-search", config)
+    assert sweep["name"] == "my-search" and sweep["method"] == "random"
+    assert sweep["metric"] == {"name": "val_loss", "goal": "minimize"}
+    assert sweep["parameters"] == {
+        "fc1": {"values": [16, 64]},
+        "fc2": {"distribution": "int_uniform", "min": 8, "max": 32},  # randint's high is exclusive, W&B's max is not
+        "dropout": {"distribution": "uniform", "min": 0.0, "max": 0.5},
+        "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+        "optimizer": {"values": ["Adam", "SGD"]},
+        "data_class": {"value": "FashionMNIST"},
+        "limit_train_batches": {"value": 8},
+        "max_epochs": {"value": 6},
+    }
+    # the parameters are the keys of a trial's config, so the sweep's panels find them in every run
+    assert set(sweep["parameters"]) == set(config.param_space())
+
+
+def test_trial_runs_carry_the_sweep_in_their_settings_and_never_from_the_environment(
+    tmp_path: Path, config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settings a trial run gets online put it in the sweep (its run record names it: written offline here, as
+    the server would receive it); WANDB_SWEEP_ID stays unset, and offline runs of a search carry no sweep."""
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    assert run_settings("abc123").sweep_id == "abc123" and run_settings(None).sweep_id is None
+    for run_id, sweep_id in (("s-online", "abc123"), ("s-offline", None)):
+        run = init_run(sweep_id, project="p", id=run_id, group="s", dir=str(tmp_path), mode="offline", config={"fc1": 16})
+        run.finish()
+    runs = {run.id: run for run in offline_runs(tmp_path)}
+    assert runs["s-online"].sweep_id == "abc123" and runs["s-online"].config["fc1"] == 16
+    assert runs["s-offline"].sweep_id == ""
+    assert "WANDB_SWEEP_ID" not in os.environ
+    spec = SearchSpec("s", tmp_path / "s", config, "offline", "p", None, None)
+    assert WandbTrialCallback(spec).sweep_id is None  # the driver creates a sweep only online
+
+
+def test_prior_runs_and_the_sync_command_name_every_trial_run_once(tmp_path: Path) -> None:
+    folder = tmp_path / "s"
+    for run_id in ("s-t1", "s-t2", "s-summary"):
+        run = init_run(project="p", id=run_id, group="s", dir=str(folder), mode="offline", config={"fc1": 16})
+        run.log({"val_loss": 0.5})
+        run.finish()
+    (folder / "wandb" / "superseded" / "offline-run-old-s-t1").mkdir(parents=True)  # a killed driver's, never synced
+    assert prior_run_ids(folder, "s") == ["s-t1", "s-t2"]  # the summary run is not a trial of the sweep
+    command = sync_command(folder)
+    assert command[:2] == ["wandb", "sync"] and len(command) == 5
+    dry = subprocess.run([command[0], command[1], "--dry-run", *command[2:]], capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert sorted(line.rsplit("-", 2)[-2] + "-" + line.rsplit("-", 1)[-1] for line in command[2:]) == [
+        "s-summary",
+        "s-t1",
+        "s-t2",
+    ]

@@ -1,0 +1,92 @@
+"""Runs in the driver: a search as a W&B sweep, so W&B's Sweeps page (parallel coordinates, parameter importance,
+scatter plots) shows it.
+
+Online, the search creates the sweep before its trials start, every trial run is started with the sweep's id
+in its settings (never WANDB_SWEEP_ID in the environment: with it wandb.init drops the project, entity and run id
+it was given), and the sweep is stopped at the end (no agent ever polls it). Offline runs carry no sweep id
+(syncing a run that names a sweep the server doesn't know fails); `sync FOLDER` uploads them and then creates the
+sweep from them (`prior_runs`).
+
+The calls that need a W&B server are create_sweep and stop_sweep, one small function each. They were checked
+against the installed wandb 0.31 SDK's source (wandb.sweep(sweep, entity, project, prior_runs) and the CLI's
+`wandb sweep --stop`), not against a server: none can be reached from where this was built.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from text_recognizer.facts import wandb_run_id
+from text_recognizer.search.config import SearchConfig
+
+
+def parameter(kind: str, value: Any) -> dict[str, Any]:
+    """One search-space entry (our YAML sampler) as a W&B sweep parameter."""
+    if kind in ("choice", "grid"):
+        return {"values": list(value)}
+    low, high = value
+    if kind == "randint":
+        return {"distribution": "int_uniform", "min": int(low), "max": int(high) - 1}  # ours excludes high, W&B's not
+    if kind == "loguniform":
+        return {"distribution": "log_uniform_values", "min": low, "max": high}
+    return {"distribution": "uniform", "min": low, "max": high}
+
+
+def sweep_config(name: str, config: SearchConfig) -> dict[str, Any]:
+    """The sweep of a search: its name, method, metric and goal, and parameters named as the trial runs' config keys
+    (run flags: the searched ones with their distributions, the fixed ones and max_epochs as constants)."""
+    grid_only = all(kind == "grid" for spec in config.space.values() for kind in spec)
+    parameters = {key: parameter(*next(iter(spec.items()))) for key, spec in config.space.items()}
+    constants = {**config.fixed, "max_epochs": config.max_t}
+    parameters.update({key: {"value": value} for key, value in constants.items() if key not in parameters})
+    return {
+        "name": name,
+        "method": "grid" if grid_only else "random",
+        "metric": {"name": config.metric, "goal": "maximize" if config.mode == "max" else "minimize"},
+        "parameters": parameters,
+        "description": config.description or f"Ray Tune search {name} (ASHA), logged by text_recognizer",
+    }
+
+
+def run_settings(sweep_id: str | None) -> dict[str, Any]:
+    """What every trial run's wandb.Settings carries besides the driver's defaults: the sweep it belongs to, online."""
+    return {"sweep_id": sweep_id} if sweep_id else {}
+
+
+def create_sweep(config: dict[str, Any], project: str, prior_runs: list[str] | None = None) -> str:
+    """Needs the W&B server: create the sweep (with runs that already exist), return its id. wandb prints its URL."""
+    import wandb
+
+    return wandb.sweep(config, project=project, prior_runs=prior_runs)
+
+
+def stop_sweep(sweep_id: str, project: str) -> None:
+    """Needs the W&B server: mark the sweep finished, as `wandb sweep --stop` does (no agent will ask it for runs)."""
+    subprocess.run(["wandb", "sweep", "--stop", "--project", project, sweep_id], check=False)
+
+
+def offline_runs(folder: Path) -> list[Path]:
+    """A search's offline run folders: one per run (a killed driver's older ones wait in wandb/superseded/)."""
+    return sorted((folder / "wandb").glob("offline-run-*"))
+
+
+def prior_run_ids(folder: Path, name: str) -> list[str]:
+    """The W&B run ids of a search's trials: its offline runs (offline-run-<time>-<run id>) but the summary run."""
+    ids = {path.name.split("-", 3)[3] for path in offline_runs(folder)}
+    return sorted(ids - {wandb_run_id(name, "summary")})
+
+
+def sync_command(folder: Path) -> list[str]:
+    """The `wandb sync` command line that uploads a search's offline runs (trials and summary run)."""
+    return ["wandb", "sync", *[str(path) for path in offline_runs(folder)]]
+
+
+def sync(folder: Path, name: str, config: SearchConfig, project: str) -> str:
+    """Upload a search's offline runs, then create its sweep from them; returns the sweep id."""
+    command = sync_command(folder)
+    print("$", shlex.join(command), flush=True)
+    subprocess.run(command, check=True)
+    return create_sweep(sweep_config(name, config), project, prior_runs=prior_run_ids(folder, name))
