@@ -85,8 +85,13 @@ def test_ctrl_c_saves_state_finishes_runs_and_prints_resume(tmp_path: Path, laun
     assert command in stdout
     summary = summary_of(search_dir)
     assert summary["interrupted"] and summary["resume_command"] == command
+    # every open run was finished as interrupted; a trial that had finished before Ctrl-C keeps its own end
     runs = offline_runs(search_dir)
-    assert runs and all(run.exit_code == 0 and run.summary["status"] == "interrupted" for run in runs)
+    statuses = [(run.summary["status"], run.summary["epochs_trained"]) for run in runs]
+    assert all(run.exit_code == 0 for run in runs) and any(status == "interrupted" for status, _ in statuses), statuses
+    assert all(status == "interrupted" and epochs < 5 or status == "completed" and epochs == 5 for status, epochs in statuses)
+    trials = {row["trial_id"]: row["status"] for row in summary["trials"]}
+    assert sorted(trials.values()).count("interrupted") == sum(status == "interrupted" for status, _ in statuses)
 
     resume(launch_search, tmp_path, "interrupted")
     check_finished_search(search_dir, trials=4, epochs=5)

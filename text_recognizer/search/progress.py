@@ -19,8 +19,11 @@ EVERY = 10.0  # seconds between status lines: often enough to see it move, rarel
 
 
 class Progress(tune.Callback):
-    def __init__(self, metric: str, mode: str, max_t: int, params: list[str], file: TextIO = sys.stdout) -> None:
+    def __init__(
+        self, metric: str, mode: str, max_t: int, params: list[str], file: TextIO = sys.stdout, every: float = EVERY
+    ) -> None:
         self.metric, self.sign, self.max_t, self.params, self.file = metric, (1 if mode == "max" else -1), max_t, params, file
+        self.every = every
         self.started = time.time()
         self.last_line = 0.0
         self.epochs: dict[str, int] = {}
@@ -49,9 +52,9 @@ class Progress(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finished(trial, error=True)
 
-    def on_step(self, iteration: int, trials: list, **info: Any) -> None:
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.time()
-        if now - self.last_line < EVERY:
+        if now - self.last_line < self.every:
             return
         self.last_line = now
         counts = {"done": 0, "running": 0, "pending": 0}
