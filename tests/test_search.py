@@ -98,6 +98,7 @@ def test_wandb_offline_runs_read_back(search: tuple[Path, dict, str]) -> None:
         assert run.exit_code == 0 and not run.sweep_id  # offline: no sweep the server doesn't know
     summary_run = runs["e2e-summary"]
     assert summary_run.job_type == "summary" and summary_run.summary["num_trials"] == 6
+    assert summary_run.summary["test_acc"] == pytest.approx(summary["best"]["test_acc"])
     assert summary_run.history[0]["trials/nrows"] == 6
     assert any(name.endswith("best-model") for name in summary_run.artifacts)
 
