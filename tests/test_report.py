@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from text_recognizer.cli import tune_mlp
-from text_recognizer.search.report import importance, load_search, plot_curves, write_report
+from text_recognizer.search.report import importance, load_curves, load_summary, plot_curves, write_report
 
 SPACE = {"fc1": {"choice": [16, 64]}, "lr": {"loguniform": [0.0001, 0.01]}, "optimizer": {"choice": ["Adam", "SGD"]}}
 
@@ -62,7 +62,8 @@ def write_search(folder: Path, trials: int = 8) -> dict:
 
 def test_one_curve_per_trial_that_reported(tmp_path: Path) -> None:
     write_search(tmp_path / "r")
-    summary, curves = load_search(tmp_path / "r")
+    summary = load_summary(tmp_path / "r")
+    curves = load_curves(tmp_path / "r", summary)
     assert plot_curves(summary, curves, tmp_path / "curves.png") == 7  # the trial that never started has none
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 

@@ -17,6 +17,7 @@ SEARCH_FILE = "search.json"  # the resolved description of a search, so --resume
 FINAL_STATUSES = ("completed", "stopped_early", "diverged", "error")
 RUN_SCRIPT = "training/run_experiment.py"
 SEARCH_SCRIPT = "search/tune_mlp.py"
+REPORT_PAGE = Path("report") / "report.html"  # a search's offline report, inside its folder
 _ROOT = Path(__file__).resolve().parents[1]
 # the repository when the package runs from a checkout (editable install), else None (installed in site-packages)
 CHECKOUT = _ROOT if (_ROOT / "pyproject.toml").is_file() and (_ROOT / SEARCH_SCRIPT).is_file() else None
@@ -42,6 +43,11 @@ def replay_command(config: dict[str, Any], epochs: int | None = None) -> str:
 def resume_command(name: str, storage: str) -> str:
     """The command line that continues an interrupted search."""
     return shlex.join(["python", SEARCH_SCRIPT, "--resume", "--name", name, "--storage-path", storage])
+
+
+def sync_command(folder: str) -> str:
+    """The command line that uploads an offline search's W&B runs and makes them a sweep."""
+    return shlex.join(["python", SEARCH_SCRIPT, "sync", folder])
 
 
 def trial_status(last: dict[str, Any], max_t: int, error: bool = False) -> str:

@@ -23,6 +23,7 @@ from text_recognizer.facts import SEARCH_FILE
 from text_recognizer.search import trial_process, tune_actor
 from text_recognizer.search.cluster import ray_cluster
 from text_recognizer.search.progress import Progress
+from text_recognizer.search.report import write_report
 from text_recognizer.search.results import TrialClock, collect, print_report, summarize, write_results
 from text_recognizer.search.spec import SearchSpec, describe
 from text_recognizer.search.sweep import create_sweep, sweep_config
@@ -42,7 +43,8 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         grid, clock, wall_seconds, sweep_id = fit(spec, data)  # 3. build the Tuner and fit it
         rows, best = collect(grid, spec, clock.ready)  # 4. the trials, from the ResultGrid
         summary = summarize(spec, rows, test_winner(spec, best, data, rows), wall_seconds, sweep_id)
-    summary = write_results(summary, spec.folder)  # 5. summary.json, trials.csv, report/report.html
+    write_results(summary, spec.folder)  # 5. summary.json, trials.csv and
+    write_report(spec.folder, summary)  #    report/report.html
     if spec.wandb_mode != "disabled" and not summary["interrupted"]:  # a resumed search logs it once, at its end
         finish_search(spec, summary, summary["wandb"].get("sweep_id"))  # 6. the W&B summary run; the sweep stops
     print_report(summary, spec.top)  # 7.

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from ray import tune
 
 from text_recognizer.facts import trial_status
+from text_recognizer.search.results import short
 
 EVERY = 10.0  # seconds between status lines: often enough to see it move, rarely enough to read
 
@@ -41,7 +42,7 @@ class Progress(tune.Callback):
         status = trial_status(last, self.max_t, error=error)
         value = last.get(self.metric)
         shown = f"{self.metric} {value:.4f}" if isinstance(value, (int, float)) else f"{self.metric} -"
-        config = " ".join(f"{key}={_short(trial.config.get(key))}" for key in self.params)
+        config = " ".join(f"{key}={short(trial.config.get(key))}" for key in self.params)
         epochs = last.get("training_iteration", 0)
         line = f"trial {trial.trial_id} {status:<13} {epochs:>3} epochs  {shown}  {config}"
         print(f"{self._clock()} {line}", file=self.file, flush=True)
@@ -67,7 +68,3 @@ class Progress(tune.Callback):
 
     def _clock(self) -> str:
         return f"[{time.time() - self.started:6.0f} s]"
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -18,18 +18,23 @@ matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from text_recognizer.facts import REPORT_PAGE  # noqa: E402
+from text_recognizer.search.results import finite, ranked, short  # noqa: E402
 from text_recognizer.util import UserError  # noqa: E402
 
-REPORT_DIR = "report"
 TOP = 10  # rows of the report's table
 IMPORTANCE_METHOD = "eta²: share of the metric's variance explained\nby each hyperparameter alone (its groups' means)"
 
 
-def load_search(folder: Path) -> tuple[dict[str, Any], dict[str, list[dict]]]:
-    """A finished search's summary and each trial's results (one dict per epoch), by trial id."""
+def load_summary(folder: Path) -> dict[str, Any]:
+    """A search folder's summary.json."""
     if not (folder / "summary.json").is_file():
         raise UserError(f"{folder}: not a search folder (no summary.json)")
-    summary = json.loads((folder / "summary.json").read_text())
+    return json.loads((folder / "summary.json").read_text())
+
+
+def load_curves(folder: Path, summary: dict[str, Any]) -> dict[str, list[dict]]:
+    """Each trial's results (one dict per epoch, from Tune's result.json), by trial id."""
     curves = {}
     for row in summary["trials"]:
         path = folder / f"trial_{row['trial_id']}" / "result.json"
@@ -42,7 +47,7 @@ def load_search(folder: Path) -> tuple[dict[str, Any], dict[str, list[dict]]]:
                 continue
             by_epoch[result["training_iteration"]] = result  # a retried epoch: its newest result
         curves[row["trial_id"]] = [by_epoch[epoch] for epoch in sorted(by_epoch)]
-    return summary, curves
+    return curves
 
 
 def rungs(settings: dict[str, Any]) -> list[int]:
@@ -64,8 +69,8 @@ def plot_curves(summary: dict[str, Any], curves: dict[str, list[dict]], path: Pa
     for rung in rungs(settings):
         axes.axvline(rung, color="0.85", linestyle="--", zorder=0)
     for trial_id, results in curves.items():
-        epochs = [r["training_iteration"] for r in results if _finite(r.get(metric))]
-        values = [r[metric] for r in results if _finite(r.get(metric))]
+        epochs = [r["training_iteration"] for r in results if finite(r.get(metric)) is not None]
+        values = [r[metric] for r in results if finite(r.get(metric)) is not None]
         if not values:
             continue
         (line,) = axes.plot(epochs, values, marker=".", linewidth=1, alpha=0.8)
@@ -90,7 +95,7 @@ def numeric_axis(values: list[Any], spec: dict[str, Any]) -> tuple[np.ndarray, l
 def searched(summary: dict[str, Any]) -> tuple[list[dict], list[str], np.ndarray]:
     """The trials with a finite best metric, the searched hyperparameters, and the best metric of each trial."""
     key = f"best_{summary['settings']['metric']}"
-    rows = [row for row in summary["trials"] if _finite(row.get(key))]
+    rows = [row for row in summary["trials"] if finite(row.get(key)) is not None]
     return rows, list(summary["space"]), np.array([row[key] for row in rows], float)
 
 
@@ -176,10 +181,13 @@ def plot_importance(scores: dict[str, float], path: Path) -> None:
     _save(figure, path)
 
 
-def write_report(folder: Path, top: int = TOP) -> Path:
-    """Write <folder>/report/report.html and its PNGs; returns the HTML's path."""
-    summary, curves = load_search(folder)
-    out = folder / REPORT_DIR
+def write_report(folder: Path, summary: dict[str, Any] | None = None, top: int = TOP) -> Path:
+    """Write <folder>/report/report.html and its PNGs (from `summary`, else the folder's summary.json); returns the
+    HTML's path."""
+    summary = summary if summary is not None else load_summary(folder)
+    curves = load_curves(folder, summary)
+    page = folder / REPORT_PAGE
+    out = page.parent
     out.mkdir(exist_ok=True)
     figures = {
         "curves.png": lambda p: plot_curves(summary, curves, p),
@@ -189,7 +197,6 @@ def write_report(folder: Path, top: int = TOP) -> Path:
     }
     for name, draw in figures.items():
         draw(out / name)
-    page = out / "report.html"
     page.write_text(render(summary, {name: out / name for name in figures}, top))
     return page
 
@@ -198,17 +205,13 @@ def render(summary: dict[str, Any], images: dict[str, Path], top: int) -> str:
     """The page: headline, the best trial with its test accuracy, the top-k table, the figures (embedded)."""
     metric = summary["settings"]["metric"]
     key = f"best_{metric}"
-    ranked = sorted(
-        (row for row in summary["trials"] if _finite(row.get(key)) and row["status"] != "diverged"),
-        key=lambda row: row[key],
-        reverse=summary["settings"]["mode"] == "max",
-    )
+    rows = ranked(summary)
     params = list(summary["space"])
     head = ["rank", "trial", key, "epochs", "status", *params]
     body = [
         [str(rank), row["trial_id"], f"{row[key]:.4f}", str(row["epochs"]), row["status"]]
-        + [_short(row["config"].get(p)) for p in params]
-        for rank, row in enumerate(ranked[:top], 1)
+        + [short(row["config"].get(p)) for p in params]
+        for rank, row in enumerate(rows[:top], 1)
     ]
     table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
     table += "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>"
@@ -237,18 +240,10 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{max-width:1
 <p>{summary["num_trials"]} trials ({html.escape(counts)}), {summary["total_epochs"]} epochs,
 {summary["wall_seconds"]:.0f} s; metric {html.escape(metric)} ({summary["settings"]["mode"]}).</p>
 {winner}
-<h2>Top {min(top, len(ranked))} trials</h2>{table}
+<h2>Top {min(top, len(rows))} trials</h2>{table}
 {figures}
 </body></html>
 """
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _save(figure: Any, path: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import statistics
 import sys
 import time
@@ -18,12 +17,18 @@ from typing import Any, TextIO
 import pandas as pd
 from ray.tune import Callback, Result
 
-from text_recognizer.facts import CHECKPOINT_NAME, FINAL_STATUSES, replay_command, resume_command, trial_status
-from text_recognizer.search.report import write_report
+from text_recognizer.facts import (
+    CHECKPOINT_NAME,
+    FINAL_STATUSES,
+    REPORT_PAGE,
+    replay_command,
+    resume_command,
+    sync_command,
+    trial_status,
+)
 from text_recognizer.search.spec import SearchSpec
 
 FINAL_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
-SYNC_COMMAND = ("python", "search/tune_mlp.py", "sync")
 ERROR_FILE = "error.txt"  # Tune appends "Failure # N" to it in the trial's folder at every failure
 
 
@@ -54,7 +59,8 @@ class TrialClock(Callback):
     on_trial_error = on_trial_complete
 
 
-def _finite(value: Any) -> float | None:
+def finite(value: Any) -> float | None:
+    """A metric's value as a float, or None when it is missing, not a number or not finite."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
@@ -67,7 +73,7 @@ def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float]) 
     """One trial: its outcome, epochs, config, final metrics, best metric, start-up, device and failures."""
     config, last = spec.config, result.metrics or {}
     frame = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
-    history = [value for value in frame.get(config.metric, []) if _finite(value) is not None]
+    history = [value for value in frame.get(config.metric, []) if finite(value) is not None]
     better = max if config.mode == "max" else min
     trial_id = last["trial_id"]
     row = {
@@ -75,7 +81,7 @@ def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float]) 
         "status": trial_status(last, config.max_t, error=result.error is not None),
         "epochs": int(last.get("training_iteration", 0)),
         "config": dict(result.config or {}),
-        **{key: _finite(last.get(key)) for key in FINAL_METRICS},
+        **{key: finite(last.get(key)) for key in FINAL_METRICS},
         f"best_{config.metric}": better(history) if history else None,
         "startup_seconds": None,
         "gpu_ids": last.get("gpu_ids"),
@@ -94,7 +100,7 @@ def best_checkpoint(result: Result, row: dict[str, Any], spec: SearchSpec) -> di
     the result rows: a killed trial process can leave a kept checkpoint without its row)."""
     metric, better = spec.config.metric, (max if spec.config.mode == "max" else min)
     kept = [
-        (checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints or [] if _finite(metrics.get(metric)) is not None
+        (checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints or [] if finite(metrics.get(metric)) is not None
     ]
     if not kept or row["status"] in ("error", "diverged"):
         return None
@@ -106,7 +112,7 @@ def best_checkpoint(result: Result, row: dict[str, Any], spec: SearchSpec) -> di
         "epoch": int(metrics["training_iteration"]),
         "config": row["config"],
         "checkpoint": str(Path(checkpoint.path) / CHECKPOINT_NAME),
-        "metrics": {key: _finite(metrics.get(key)) for key in FINAL_METRICS},
+        "metrics": {key: finite(metrics.get(key)) for key in FINAL_METRICS},
     }
 
 
@@ -152,35 +158,36 @@ def summarize(
         "best": best,
         "trials": rows,
         "wandb": {"mode": spec.wandb_mode, "project": spec.wandb_project, "sweep_id": sweep_id},
+        "report": str(spec.folder / REPORT_PAGE),
     }
     if spec.wandb_mode == "offline" and not interrupted:  # uploads the runs, then makes them a sweep
-        summary["wandb"]["sync_command"] = shlex.join([*SYNC_COMMAND, str(spec.folder)])
+        summary["wandb"]["sync_command"] = sync_command(str(spec.folder))
     if interrupted:
         summary["resume_command"] = resume_command(spec.name, str(spec.folder.parent))
     return summary
 
 
-def write_results(summary: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """summary.json, trials.csv (one row per trial, its config flattened into columns) and the offline report;
-    returns the summary with the report's path."""
+def write_results(summary: dict[str, Any], folder: Path) -> None:
+    """summary.json and trials.csv (one row per trial, its config flattened into columns)."""
     rows = summary["trials"]
     flat = [{**{k: v for k, v in row.items() if k != "config"}, **row["config"]} for row in rows]
     pd.DataFrame(flat).to_csv(folder / "trials.csv", index=False)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    summary = {**summary, "report": str(write_report(folder))}
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+
+
+def ranked(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trials with a finite best metric, best first; a diverged trial is never ranked."""
+    key = f"best_{summary['settings']['metric']}"
+    return sorted(
+        (row for row in summary["trials"] if finite(row.get(key)) is not None and row["status"] != "diverged"),
+        key=lambda row: row[key],
+        reverse=summary["settings"]["mode"] == "max",
+    )
 
 
 def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdout) -> None:
     """The ranked table of the best trials, the replay command and the W&B sync (or resume) command."""
-    settings = summary["settings"]
-    key = f"best_{settings['metric']}"
-    ranked = sorted(
-        (row for row in summary["trials"] if row[key] is not None and row["status"] != "diverged"),
-        key=lambda row: row[key],
-        reverse=settings["mode"] == "max",
-    )
+    key = f"best_{summary['settings']['metric']}"
     searched = list(summary["space"])
     print(
         f"\nSearch {summary['name']}: {summary['num_trials']} trials {summary['statuses']}, "
@@ -188,8 +195,8 @@ def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdou
         file=file,
     )
     print(f"{'rank':>4}  {'trial':<14}{key:>14}{'epochs':>8}  {'status':<14}" + "".join(f"{k:>12}" for k in searched), file=file)
-    for rank, row in enumerate(ranked[:top], 1):
-        values = "".join(f"{_short(row['config'].get(k)):>12}" for k in searched)
+    for rank, row in enumerate(ranked(summary)[:top], 1):
+        values = "".join(f"{short(row['config'].get(k)):>12}" for k in searched)
         print(f"{rank:>4}  {row['trial_id']:<14}{row[key]:>14.4f}{row['epochs']:>8}  {row['status']:<14}{values}", file=file)
     best = summary["best"]
     if best:
@@ -214,5 +221,6 @@ def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdou
         print(f"\nThe search was interrupted; its state is saved. Continue it with:\n  {summary['resume_command']}", file=file)
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
+    """A config value as a table shows it: floats to 3 significant digits."""
     return f"{value:.3g}" if isinstance(value, float) else str(value)
