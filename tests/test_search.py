@@ -137,7 +137,7 @@ def test_printed_report_and_replay_command_runs(search: tuple[Path, dict, str], 
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert len(re.findall(r"\.wandb$", dry.stdout + dry.stderr, re.M)) == 7  # 6 trials and the summary run
     # then the sweep is made of the 6 trial runs
-    assert prior_run_ids(search_dir, "e2e") == sorted(f"e2e-{row['trial_id']}" for row in summary["trials"])
+    assert prior_run_ids(search_dir) == sorted(f"e2e-{row['trial_id']}" for row in summary["trials"])
     assert f"test_acc={best['test_acc']:.4f}" in stdout and summary["report"] in stdout
 
 

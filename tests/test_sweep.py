@@ -73,12 +73,12 @@ def test_trial_runs_carry_the_sweep_in_their_settings_and_never_from_the_environ
 
 def test_prior_runs_and_the_sync_command_name_every_trial_run_once(tmp_path: Path) -> None:
     folder = tmp_path / "s"
-    for run_id in ("s-t1", "s-t2", "s-summary"):
-        run = init_run(project="p", id=run_id, group="s", dir=str(folder), mode="offline", config={"fc1": 16})
+    for run_id, job_type in (("s-t1", "trial"), ("s-t2", "trial"), ("s-summary", "summary")):  # as the driver starts them
+        run = init_run(project="p", id=run_id, group="s", job_type=job_type, dir=str(folder), mode="offline", config={"fc1": 16})
         run.log({"val_loss": 0.5})
         run.finish()
     (folder / "wandb" / "superseded" / "offline-run-old-s-t1").mkdir(parents=True)  # a killed driver's, never synced
-    assert prior_run_ids(folder, "s") == ["s-t1", "s-t2"]  # the summary run is not a trial of the sweep
+    assert prior_run_ids(folder) == ["s-t1", "s-t2"]  # the summary run is not a trial of the sweep
     command = sync_command(folder)
     assert command[:2] == ["wandb", "sync"] and len(command) == 5
     dry = subprocess.run([command[0], command[1], "--dry-run", *command[2:]], capture_output=True, text=True, timeout=120)

@@ -19,8 +19,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from text_recognizer.facts import wandb_run_id
 from text_recognizer.search.config import SearchConfig
+from text_recognizer.search.wandb_files import offline_runs
 
 
 def parameter(kind: str, value: Any) -> dict[str, Any]:
@@ -51,11 +51,6 @@ def sweep_config(name: str, config: SearchConfig) -> dict[str, Any]:
     }
 
 
-def run_settings(sweep_id: str | None) -> dict[str, Any]:
-    """What every trial run's wandb.Settings carries besides the driver's defaults: the sweep it belongs to, online."""
-    return {"sweep_id": sweep_id} if sweep_id else {}
-
-
 def create_sweep(config: dict[str, Any], project: str, prior_runs: list[str] | None = None) -> str:
     """Needs the W&B server: create the sweep (with runs that already exist), return its id. wandb prints its URL."""
     import wandb
@@ -68,20 +63,19 @@ def stop_sweep(sweep_id: str, project: str) -> None:
     subprocess.run(["wandb", "sweep", "--stop", "--project", project, sweep_id], check=False)
 
 
-def offline_runs(folder: Path) -> list[Path]:
+def run_folders(folder: Path) -> list[Path]:
     """A search's offline run folders: one per run (a killed driver's older ones wait in wandb/superseded/)."""
     return sorted((folder / "wandb").glob("offline-run-*"))
 
 
-def prior_run_ids(folder: Path, name: str) -> list[str]:
-    """The W&B run ids of a search's trials: its offline runs (offline-run-<time>-<run id>) but the summary run."""
-    ids = {path.name.split("-", 3)[3] for path in offline_runs(folder)}
-    return sorted(ids - {wandb_run_id(name, "summary")})
+def prior_run_ids(folder: Path) -> list[str]:
+    """The W&B run ids of a search's trial runs, as their .wandb files record them (the summary run is no trial)."""
+    return sorted(run.id for run in offline_runs(folder) if run.job_type == "trial")
 
 
 def sync_command(folder: Path) -> list[str]:
     """The `wandb sync` command line that uploads a search's offline runs (trials and summary run)."""
-    return ["wandb", "sync", *[str(path) for path in offline_runs(folder)]]
+    return ["wandb", "sync", *[str(path) for path in run_folders(folder)]]
 
 
 def sync(folder: Path, name: str, config: SearchConfig, project: str) -> str:
@@ -89,4 +83,4 @@ def sync(folder: Path, name: str, config: SearchConfig, project: str) -> str:
     command = sync_command(folder)
     print("$", shlex.join(command), flush=True)
     subprocess.run(command, check=True)
-    return create_sweep(sweep_config(name, config), project, prior_runs=prior_run_ids(folder, name))
+    return create_sweep(sweep_config(name, config), project, prior_runs=prior_run_ids(folder))

@@ -33,7 +33,7 @@ def run_settings(sweep_id: str | None = None) -> Any:
         disable_git=True,
         save_code=False,
         console="off",
-        **sweep.run_settings(sweep_id),
+        sweep_id=sweep_id,  # None: in no sweep (offline, or W&B disabled)
     )
 
 
@@ -47,15 +47,14 @@ class WandbTrialCallback(tune.Callback):
 
     def __init__(self, spec: SearchSpec, sweep_id: str | None = None) -> None:
         self.spec, self.sweep_id = spec, sweep_id
-        self.search_dir = Path(spec.folder)
-        self.runs: dict[str, Any] = {}
-        self.trials: dict[str, Any] = {}  # the Tune trial of each open run, to finish it if the search is interrupted
+        # each open run with its Tune trial, to finish it if the search is interrupted
+        self.runs: dict[str, tuple[Any, Any]] = {}
         self.logged_epoch: dict[str, int] = {}
         self.best: dict[str, float] = {}
 
     def _run(self, trial: Any) -> Any:
         if trial.trial_id in self.runs:
-            return self.runs[trial.trial_id]
+            return self.runs[trial.trial_id][0]
         identifier = wandb_run_id(self.spec.name, trial.trial_id)
         earlier = self._take_over_offline_run(identifier, trial) if self.spec.wandb_mode == "offline" else []
         run = init_run(
@@ -65,11 +64,11 @@ class WandbTrialCallback(tune.Callback):
             name=str(trial),
             group=self.spec.name,
             job_type="trial",
-            dir=str(self.search_dir),
+            dir=str(self.spec.folder),
             mode=self.spec.wandb_mode,
             config={**trial.config, "search": self.spec.config.settings(), "trial_id": trial.trial_id},
         )
-        self.runs[trial.trial_id], self.trials[trial.trial_id] = run, trial
+        self.runs[trial.trial_id] = run, trial
         self.logged_epoch[trial.trial_id] = 0
         for row in earlier:
             self._log(trial, run, row)
@@ -83,8 +82,8 @@ class WandbTrialCallback(tune.Callback):
         the new run re-logs the earlier epochs. They come from Tune's result.json, flushed at every
         result: a killed driver never got to flush its `.wandb` files.
         """
-        superseded = self.search_dir / "wandb" / "superseded"
-        for folder in sorted(self.search_dir.glob(f"wandb/offline-run-*-{identifier}")):
+        superseded = self.spec.folder / "wandb" / "superseded"
+        for folder in sorted(self.spec.folder.glob(f"wandb/offline-run-*-{identifier}")):
             superseded.mkdir(parents=True, exist_ok=True)
             folder.rename(superseded / folder.name)
         latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
@@ -116,8 +115,7 @@ class WandbTrialCallback(tune.Callback):
         self._log(trial, self._run(trial), result)
 
     def _finish(self, trial: Any, done: bool, error: bool = False) -> None:
-        run = self.runs.pop(trial.trial_id, None)
-        self.trials.pop(trial.trial_id, None)
+        run, _ = self.runs.pop(trial.trial_id, (None, None))
         if run is None:
             return
         # the same outcome as summary.json's
@@ -143,7 +141,7 @@ class WandbTrialCallback(tune.Callback):
 
     def finish_open_runs(self) -> None:
         """Finish the runs of trials still running (the search was interrupted): --resume takes them over."""
-        for trial in list(self.trials.values()):
+        for _, trial in list(self.runs.values()):
             self._finish(trial, done=False)
 
 
