@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
         fail(f"predict: error: {error}")
     width = max(len(str(path)) for path in args.images)
     for path, (name, probability) in zip(args.images, predictions, strict=True):
-        print(f"{str(path):<{width}}  {name}  {probability:.3f}" if math.isfinite(probability) else f"{path}  {name}  nan")
+        print(f"{str(path):<{width}}  {name}  {probability:.3f}")
     return predictions
 
 

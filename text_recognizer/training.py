@@ -233,7 +233,6 @@ def fit_and_test(args: argparse.Namespace) -> dict[str, Any]:
     # divergence is BaseLitModel's to stop, not early stopping's: check_finite off
     stopping = EarlyStopping(monitor=MONITOR, mode="min", patience=EARLY_STOPPING_PATIENCE, check_finite=False)
     loggers = run_loggers(args)
-    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     trainer, data, lit_model = train(
         args, callbacks=[timer, stopping, checkpoint], logger=loggers, enable_progress_bar=os.isatty(2)
     )

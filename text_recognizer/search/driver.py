@@ -121,7 +121,7 @@ def run_config(spec: SearchSpec, callbacks: list[tune.Callback]) -> tune.RunConf
 
 def replace_callbacks(tuner: tune.Tuner, callbacks: list[tune.Callback]) -> None:
     """Give a restored Tuner this driver's callbacks. Tune unpickles the first run's callbacks and has no public
-    way to pass new ones to Tuner.restore; this reaches into Tuner's private state (tests/test_search_units.py
+    way to pass new ones to Tuner.restore; this reaches into Tuner's private state (tests/test_driver.py
     checks it, so a Ray upgrade that moves it fails loudly)."""
     local = getattr(tuner, "_local_tuner", None)
     if local is None or not hasattr(local, "get_run_config"):

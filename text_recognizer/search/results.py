@@ -75,19 +75,19 @@ def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float]) 
     frame = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
     history = [value for value in frame.get(config.metric, []) if finite(value) is not None]
     better = max if config.mode == "max" else min
-    trial_id = last["trial_id"]
+    trial_id, trial_config, epochs = last["trial_id"], dict(result.config or {}), int(last.get("training_iteration", 0))
     row = {
         "trial_id": trial_id,
         "status": trial_status(last, config.max_t, error=result.error is not None),
-        "epochs": int(last.get("training_iteration", 0)),
-        "config": dict(result.config or {}),
+        "epochs": epochs,
+        "config": trial_config,
         **{key: finite(last.get(key)) for key in FINAL_METRICS},
         f"best_{config.metric}": better(history) if history else None,
         "startup_seconds": None,
         "gpu_ids": last.get("gpu_ids"),
         "cuda_visible_devices": last.get("cuda_visible_devices"),
         "failures": _failures(Path(result.path)),
-        "replay": replay_command(dict(result.config or {}), int(last.get("training_iteration", 0)) or None),
+        "replay": replay_command(trial_config, epochs or None),
         "error": str(Path(result.path) / ERROR_FILE) if result.error is not None else None,
     }
     if trial_id in trial_starts and len(frame) and "first_step_at" in frame:

@@ -275,7 +275,7 @@ def _spec(
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
         trial_process=trial_process,
-        address=args.address or os.environ.get("RAY_ADDRESS") or None,
+        address=args.address,
         resume=args.resume,
         overwrite=args.overwrite,
         max_failures=args.max_failures,
@@ -288,9 +288,10 @@ def _spec(
 def describe(argv: Sequence[str] | None) -> SearchSpec:
     """Flags and config checked into one frozen SearchSpec; UserError for anything wrong. Needs no Ray, no data."""
     args, rest = build_search_parser().parse_known_args(argv)
+    args.address = args.address or os.environ.get("RAY_ADDRESS") or None  # read once: the flag, else Ray's variable
     overrides = parse_run_overrides(rest)
     check_numbers(args)
-    check_address(args.address or os.environ.get("RAY_ADDRESS"))
+    check_address(args.address)
     storage = prove_storage(args.storage_path)
     make = resumed_spec if args.resume else new_spec
     spec = make(args, overrides, storage)
