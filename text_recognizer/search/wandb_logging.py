@@ -114,12 +114,10 @@ class WandbTrialCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._log(trial, self._run(trial), result)
 
-    def _finish(self, trial: Any, done: bool, error: bool = False) -> None:
+    def _finish(self, trial: Any, status: str) -> None:
         run, _ = self.runs.pop(trial.trial_id, (None, None))
         if run is None:
             return
-        # the same outcome as summary.json's
-        status = trial_status({**(trial.last_result or {}), "done": done}, self.spec.config.max_t, error=error)
         run.summary.update(
             {
                 f"best_{self.spec.config.metric}": self.best.get(trial.trial_id),
@@ -131,18 +129,22 @@ class WandbTrialCallback(tune.Callback):
         run.finish(exit_code=1 if status == "error" else 0)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, done=True)
+        # the same outcome as summary.json's
+        self._finish(trial, trial_status({**(trial.last_result or {}), "done": True}, self.spec.config.max_t))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, done=False, error=True)
+        self._finish(trial, "error")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.finish_open_runs()
 
     def finish_open_runs(self) -> None:
-        """Finish the runs of trials still running (the search was interrupted): --resume takes them over."""
+        """Finish the runs of trials still running (the search was interrupted): --resume takes them over.
+
+        An open run is a started trial, so it was interrupted, even one stopped before its first epoch (whose last
+        result alone would read as pending)."""
         for _, trial in list(self.runs.values()):
-            self._finish(trial, done=False)
+            self._finish(trial, "interrupted")
 
 
 def finish_search(spec: SearchSpec, summary: dict[str, Any], sweep_id: str | None) -> None:
