@@ -80,6 +80,8 @@ def test_the_best_follows_the_metric_and_its_mode(tmp_path: Path) -> None:
 
 def test_summary_files_and_the_wandb_summary_table_name_the_search_metric(tmp_path: Path) -> None:
     """The table's best column is best_<metric>: with val_loss it is filled, not an empty best_val_acc."""
+    import wandb
+
     from text_recognizer.search.wandb_files import offline_runs
     from text_recognizer.search.wandb_logging import log_summary_run
 
@@ -94,6 +96,7 @@ def test_summary_files_and_the_wandb_summary_table_name_the_search_metric(tmp_pa
     assert json.loads((spec.folder / "summary.json").read_text())["best"]["trial_id"] == "b"
     assert list(pd.read_csv(spec.folder / "trials.csv")["trial_id"]) == ["a", "b"]
     log_summary_run(spec, summary)
+    wandb.teardown()  # finish() can return before W&B's service wrote the last records: wait for it
     (run,) = offline_runs(spec.folder)
     table = json.loads(next(spec.folder.glob("wandb/offline-run-*/files/media/table/trials_*.table.json")).read_text())
     column = table["columns"].index("best_val_loss")

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import wandb
 
 from text_recognizer.search.config import load_config
 from text_recognizer.search.spec import SearchSpec
@@ -63,6 +64,7 @@ def test_trial_runs_carry_the_sweep_in_their_settings_and_never_from_the_environ
     for run_id, sweep_id in (("s-online", "abc123"), ("s-offline", None)):
         run = init_run(sweep_id, project="p", id=run_id, group="s", dir=str(tmp_path), mode="offline", config={"fc1": 16})
         run.finish()
+    wandb.teardown()  # finish() can return before W&B's service wrote the last records: wait for it
     runs = {run.id: run for run in offline_runs(tmp_path)}
     assert runs["s-online"].sweep_id == "abc123" and runs["s-online"].config["fc1"] == 16
     assert runs["s-offline"].sweep_id == ""
@@ -77,6 +79,7 @@ def test_prior_runs_and_the_sync_command_name_every_trial_run_once(tmp_path: Pat
         run = init_run(project="p", id=run_id, group="s", job_type=job_type, dir=str(folder), mode="offline", config={"fc1": 16})
         run.log({"val_loss": 0.5})
         run.finish()
+    wandb.teardown()  # finish() can return before W&B's service wrote the last records: wait for it
     (folder / "wandb" / "superseded" / "offline-run-old-s-t1").mkdir(parents=True)  # a killed driver's, never synced
     assert prior_run_ids(folder) == ["s-t1", "s-t2"]  # the summary run is not a trial of the sweep
     command = sync_command(folder)
