@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,11 @@ def test_the_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit) as exit_:
         tune_mlp(["report", str(tmp_path / "nothing")])
     assert exit_.value.code == 2 and capsys.readouterr().err.strip().endswith("not a search folder (no summary.json)")
+
+
+def test_the_console_script_exits_zero_on_success(tmp_path: Path) -> None:
+    """Console scripts exit with their function's return value: a returned summary used to make it exit 1."""
+    write_search(tmp_path / "r")
+    done = subprocess.run(["text-recognizer-search", "report", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(tmp_path / "r" / "report" / "report.html")

@@ -76,3 +76,13 @@ def sync(argv: Sequence[str]) -> dict[str, Any]:
     saved = json.loads(saved_file.read_text())
     sweep_id = sync_search(args.folder, args.folder.name, SearchConfig(**saved["config"]), saved["wandb_project"])
     return {"sweep_id": sweep_id}
+
+
+# Console scripts exit with what their function returns: these return nothing, so success is exit status 0
+# (the functions above return their results, for callers in Python).
+def train_command() -> None:
+    run_experiment()
+
+
+def search_command() -> None:
+    tune_mlp()

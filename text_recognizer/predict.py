@@ -96,5 +96,10 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
     return predictions
 
 
+def command() -> None:
+    """The console script: exit status 0 on success (main returns the predictions, which would be the status)."""
+    main()
+
+
 if __name__ == "__main__":
     main()
