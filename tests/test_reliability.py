@@ -89,7 +89,8 @@ def test_ctrl_c_saves_state_finishes_runs_and_prints_resume(tmp_path: Path, laun
     runs = offline_runs(search_dir)
     statuses = [(run.summary["status"], run.summary["epochs_trained"]) for run in runs]
     assert all(run.exit_code == 0 for run in runs) and any(status == "interrupted" for status, _ in statuses), statuses
-    assert all(status == "interrupted" and epochs < 5 or status == "completed" and epochs == 5 for status, epochs in statuses)
+    # a trial may even have delivered its 5th epoch and not yet ended when Ctrl-C came: still interrupted
+    assert all(status == "interrupted" and epochs <= 5 or status == "completed" and epochs == 5 for status, epochs in statuses)
     trials = {row["trial_id"]: row["status"] for row in summary["trials"]}
     assert sorted(trials.values()).count("interrupted") == sum(status == "interrupted" for status, _ in statuses)
 
