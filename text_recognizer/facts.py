@@ -13,6 +13,7 @@ from typing import Any
 
 WANDB_PROJECT = "text-recognizer"  # the one default W&B project, of single runs and searches alike
 CHECKPOINT_NAME = "model.ckpt"  # the file inside every Tune checkpoint folder of a trial
+HISTORY_NAME = "history.json"  # beside it: every epoch's metrics up to that checkpoint
 SEARCH_FILE = "search.json"  # the resolved description of a search, so --resume needs nothing else
 FINAL_STATUSES = ("completed", "stopped_early", "diverged", "error")
 RUN_SCRIPT = "training/run_experiment.py"

@@ -1,14 +1,27 @@
-"""Runs in the driver: start a quiet local Ray cluster, or join one, for the length of a search."""
+"""Runs in the driver: start a quiet local Ray cluster, or join one, for the length of a search.
+
+Joining a cluster ships this package to its workers in the job's runtime environment (`working_dir`): nodes need
+only the dependencies, and trials run the very code the driver runs. Settings that workers need travel in the same
+runtime environment (`env_vars`), never through a node's own shell.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import ray
 
+import text_recognizer
 from text_recognizer.util import UserError
+
+PACKAGE = Path(text_recognizer.__file__).resolve().parent
 
 
 def present_token_when_joining() -> None:
@@ -26,10 +39,33 @@ def present_token_when_joining() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
+def worker_settings() -> dict[str, str]:
+    """The environment every worker of the search gets, whatever its node's shell holds. Workers never write
+    W&B (the driver logs every trial), so they need no credentials; trials get the data from Ray's object store
+    and their threads from their Ray resources; a data dir chosen in the driver's environment goes along."""
+    settings = {"WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+    if os.environ.get("TEXT_RECOGNIZER_DATA_DIR"):
+        settings["TEXT_RECOGNIZER_DATA_DIR"] = os.environ["TEXT_RECOGNIZER_DATA_DIR"]
+    return settings
+
+
+@contextmanager
+def runtime_env(ship_code: bool) -> Iterator[dict[str, Any]]:
+    """The search's job runtime environment: its worker settings and, with `ship_code`, a folder that holds only a
+    copy of this package as the working_dir (Ray uploads it in ray.init, and then adds no folder of the driver's
+    to the workers' sys.path: a node without a checkout imports this copy)."""
+    if not ship_code:
+        yield {"env_vars": worker_settings()}
+        return
+    with tempfile.TemporaryDirectory(prefix="text-recognizer-job-") as folder:
+        shutil.copytree(PACKAGE, Path(folder) / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        yield {"working_dir": folder, "env_vars": worker_settings()}
+
+
 @contextmanager
 def ray_cluster(address: str | None) -> Iterator[list[dict[str, float]]]:
-    """Join the cluster at `address`, or start a local one without a dashboard; yields its alive nodes'
-    resources. Shuts down only what it started (a joined cluster, or a Ray a caller started, stays up)."""
+    """Join the cluster at `address` (shipping this package to it), or start a local one without a dashboard; yields
+    its alive nodes' resources. Shuts down only what it started (a joined cluster, or a Ray a caller started, stays up)."""
     started = not ray.is_initialized()
     if started:
         # Ray's token authentication stays on: we never pass anything that turns it off. ray.init says at
@@ -38,7 +74,14 @@ def ray_cluster(address: str | None) -> Iterator[list[dict[str, float]]]:
         if address:
             present_token_when_joining()
         try:
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+            with runtime_env(ship_code=bool(address)) as environment:
+                ray.init(
+                    address=address,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                    runtime_env=environment,
+                )
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}") from None
     try:

@@ -325,6 +325,8 @@ def _accept_trial(sock: socket.socket, listener: socket.socket, datasets: dict[s
         if key not in datasets:
             connection.send("send data")
             datasets[key] = _receive_arrays(connection)
+            size = sum(array.nbytes for array in datasets[key].values())
+            print(f"{time.strftime('%F %T')} dataset {key} received: {size} bytes", flush=True)  # once per search
             for old in list(datasets)[:-DATA_KEEP]:
                 del datasets[old]
             gc.collect()

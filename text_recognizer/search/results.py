@@ -84,6 +84,11 @@ def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float]) 
         **{key: finite(last.get(key)) for key in FINAL_METRICS},
         f"best_{config.metric}": better(history) if history else None,
         "startup_seconds": None,
+        # where its last epoch trained: a trial retried after its node was lost ends on another node
+        "node_id": last.get("node_id"),
+        "node_ip": last.get("node_ip"),
+        "cpus": last.get("cpus"),
+        "gpus": last.get("gpus"),
         "gpu_ids": last.get("gpu_ids"),
         "cuda_visible_devices": last.get("cuda_visible_devices"),
         "failures": _failures(Path(result.path)),
@@ -156,6 +161,7 @@ def summarize(
         "wall_seconds": wall_seconds,
         "startup_seconds_median": statistics.median(startups) if startups else None,
         "best": best,
+        "nodes": trials_per_node(rows),
         "trials": rows,
         "wandb": {"mode": spec.wandb_mode, "project": spec.wandb_project, "sweep_id": sweep_id},
         "report": str(spec.folder / REPORT_PAGE),
@@ -165,6 +171,16 @@ def summarize(
     if interrupted:
         summary["resume_command"] = resume_command(spec.name, str(spec.folder.parent))
     return summary
+
+
+def trials_per_node(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The nodes trials trained on (by the node of each trial's last epoch), with how many trials each, most first."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("node_id"):
+            node = nodes.setdefault(row["node_id"], {"node_id": row["node_id"], "node_ip": row["node_ip"], "trials": 0})
+            node["trials"] += 1
+    return sorted(nodes.values(), key=lambda node: (-node["trials"], node["node_id"]))
 
 
 def write_results(summary: dict[str, Any], folder: Path) -> None:
@@ -198,6 +214,7 @@ def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdou
     for rank, row in enumerate(ranked(summary)[:top], 1):
         values = "".join(f"{short(row['config'].get(k)):>12}" for k in searched)
         print(f"{rank:>4}  {row['trial_id']:<14}{row[key]:>14.4f}{row['epochs']:>8}  {row['status']:<14}{values}", file=file)
+    print_nodes(summary.get("nodes") or [], file)
     best = summary["best"]
     if best:
         print(
@@ -219,6 +236,13 @@ def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdou
         print(f"Report: {summary['report']}", file=file)
     if summary["interrupted"]:
         print(f"\nThe search was interrupted; its state is saved. Continue it with:\n  {summary['resume_command']}", file=file)
+
+
+def print_nodes(nodes: list[dict[str, Any]], file: TextIO) -> None:
+    """How many trials trained on each node (IP and the start of Ray's node id)."""
+    if nodes:
+        counts = ", ".join(f"{node['node_ip']} ({node['node_id'][:8]}): {node['trials']}" for node in nodes)
+        print(f"Trials per node: {counts}", file=file)
 
 
 def short(value: Any) -> str:

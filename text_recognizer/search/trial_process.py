@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import tempfile
 import time
@@ -22,7 +23,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint
 
-from text_recognizer.facts import CHECKPOINT_NAME, config_to_argv
+import text_recognizer
+from text_recognizer.facts import CHECKPOINT_NAME, HISTORY_NAME, config_to_argv
 from text_recognizer.training import EpochTimer, epoch_metrics, parse_args, test_checkpoint, train
 
 # report(metrics, checkpoint folder): returns once Tune took the epoch; the folder is the reporter's to remove
@@ -37,10 +39,22 @@ class ReportCallback(EpochTimer, Checkpoint):
     the epoch's metrics are logged.
     """
 
-    def __init__(self, report: Report, started: float, gpu_ids: list[str], arrays: dict[str, np.ndarray] | None) -> None:
+    def __init__(
+        self,
+        report: Report,
+        started: float,
+        gpu_ids: list[str],
+        arrays: dict[str, np.ndarray] | None,
+        where: dict[str, Any] | None = None,
+        history: list[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__()
         self.report, self.started, self.gpu_ids, self.arrays = report, started, gpu_ids, arrays
         self.data_copied = True
+        # where it trains (node, resources) and where this package was imported from: in every report
+        self.where = {**(where or {}), "package_dir": os.path.dirname(text_recognizer.__file__)}
+        # every epoch's metrics so far, restored with the checkpoint; the first report after a restore carries them
+        self.history, self.restored = list(history or []), list(history or [])
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.data_copied = data_copied(self.arrays, trainer.datamodule.tensors)  # set up by now
@@ -61,11 +75,33 @@ class ReportCallback(EpochTimer, Checkpoint):
             data_copied=self.data_copied,
             reported_at=time.time(),
             gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
+            **self.where,
         )
         directory = tempfile.mkdtemp(prefix="trial-ckpt-")
         # all of the trainer's state, not only the weights: a trial resumes from it
         trainer.save_checkpoint(os.path.join(directory, CHECKPOINT_NAME), weights_only=False)
+        self.history.append(dict(metrics))
+        save_history(self.history, directory)
+        # the first report after a restore carries the epochs its checkpoint holds, for any Tune never delivered;
+        # every report has the key (empty), so that Tune's progress.csv keeps one set of columns
+        metrics["restored_history"], self.restored = self.restored, []
         self.report(metrics, directory)
+
+
+def save_history(history: list[dict[str, Any]], directory: str) -> None:
+    """Every epoch's metrics up to this checkpoint, beside its model file: a trial restored from it can hand the
+    driver an epoch whose result Tune never delivered (its checkpoint kept, its worker killed before the result)."""
+    with open(os.path.join(directory, HISTORY_NAME), "w") as file:
+        json.dump(history, file)
+
+
+def restored_history(checkpoint: str | None) -> list[dict[str, Any]]:
+    """The metrics history saved beside a checkpoint's model file; [] without one (a fresh trial, an older checkpoint)."""
+    path = os.path.join(os.path.dirname(checkpoint), HISTORY_NAME) if checkpoint else None
+    if path is None or not os.path.isfile(path):
+        return []
+    with open(path) as file:
+        return json.load(file)
 
 
 def data_copied(arrays: dict[str, np.ndarray] | None, tensors: dict[str, torch.Tensor]) -> bool:
@@ -85,8 +121,10 @@ def train_trial(
     threads: int,
     gpu_ids: list[str],
     started: float,
+    where: dict[str, Any] | None = None,
 ) -> None:
-    """Train one trial (its config parsed as run_experiment.py would), resuming from `checkpoint` if given."""
+    """Train one trial (its config parsed as run_experiment.py would), resuming from `checkpoint` if given;
+    `where`: its node and resources, recorded in every report."""
     torch.set_num_threads(threads)  # as many threads as CPUs given, so trials don't fight over cores
     args = parse_args(config_to_argv(config), prog="trial")
     # CUDA_VISIBLE_DEVICES is the trial's GPU, so cuda:0 is the one it was given. Without a real GPU
@@ -95,7 +133,7 @@ def train_trial(
     train(
         args,
         arrays=arrays,
-        callbacks=[ReportCallback(report, started, gpu_ids, arrays)],
+        callbacks=[ReportCallback(report, started, gpu_ids, arrays, where, restored_history(checkpoint))],
         logger=False,  # the driver logs every trial (search/wandb_logging.py)
         ckpt_path=checkpoint,
         accelerator="gpu" if on_gpu else "cpu",

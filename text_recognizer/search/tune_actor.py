@@ -40,14 +40,17 @@ def restored_checkpoint() -> Iterator[str | None]:
 
 
 def trial_settings(checkpoint: str | None, started: float) -> dict[str, Any]:
-    """What the training needs to know of this actor: its checkpoint, CPUs (as threads) and GPUs."""
-    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    """What the training needs to know of this actor: its checkpoint, CPUs (as threads) and GPUs, and where it
+    runs (its node and resources, which every report records)."""
+    resources = tune.get_context().get_trial_resources().required_resources
+    cpus = resources.get("CPU", 1)
     # Ray set CUDA_VISIBLE_DEVICES to these GPUs in this process's environment
     return {
         "checkpoint": checkpoint,
         "threads": max(1, int(cpus)),
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         "started": started,
+        "where": {"node_id": ray.get_runtime_context().get_node_id(), "cpus": cpus, "gpus": resources.get("GPU", 0.0)},
     }
 
 

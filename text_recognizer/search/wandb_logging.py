@@ -6,6 +6,7 @@ ends as one finished W&B run, and runs land in the search's own folder on the dr
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,8 @@ from text_recognizer.search.spec import SearchSpec
 # what a trial run's history holds, one row per epoch
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "diverged")
 SUMMARY_COLUMNS = ("status", "epochs", "val_acc", "val_loss", "train_acc", "train_loss")  # + best_<metric>
+# where a trial trains, in its run's config (updated when a retry lands on another node)
+WHERE_KEYS = ("node_id", "node_ip", "cpus", "gpus", "gpu_ids")
 
 
 def run_settings(sweep_id: str | None = None) -> Any:
@@ -51,6 +54,7 @@ class WandbTrialCallback(tune.Callback):
         self.runs: dict[str, tuple[Any, Any]] = {}
         self.logged_epoch: dict[str, int] = {}
         self.best: dict[str, float] = {}
+        self.where: dict[str, dict[str, Any]] = {}
 
     def _run(self, trial: Any) -> Any:
         if trial.trial_id in self.runs:
@@ -95,7 +99,8 @@ class WandbTrialCallback(tune.Callback):
         for line in results.read_text().splitlines():
             row = json.loads(line)
             rows[row["training_iteration"]] = row
-        return [rows[epoch] for epoch in sorted(rows) if epoch <= resumed_at]
+        # up to the first epoch Tune never delivered, if any: the resumed trial's first report fills the rest
+        return [rows[epoch] for epoch in itertools.takewhile(rows.__contains__, range(1, resumed_at + 1))]
 
     def _log(self, trial: Any, run: Any, result: dict[str, Any]) -> None:
         epoch = result["training_iteration"]
@@ -112,7 +117,21 @@ class WandbTrialCallback(tune.Callback):
         self._run(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._log(trial, self._run(trial), result)
+        run = self._run(trial)
+        # a trial's first report after a restore carries its checkpoint's epochs: those Tune never delivered (the
+        # trial's worker died after keeping the checkpoint, before the result) are logged now, the others skipped
+        for row in result.get("restored_history") or []:
+            if row["epoch"] < result["training_iteration"]:
+                self._log(trial, run, {**row, "training_iteration": row["epoch"]})
+        self._record_where(trial, run, result)
+        self._log(trial, run, result)
+
+    def _record_where(self, trial: Any, run: Any, result: dict[str, Any]) -> None:
+        """The node and resources the trial trains on, in its run's config; again when a retry lands elsewhere."""
+        where = {key: result.get(key) for key in WHERE_KEYS}
+        if where["node_id"] and self.where.get(trial.trial_id) != where:
+            run.config.update(where, allow_val_change=True)
+            self.where[trial.trial_id] = where
 
     def _finish(self, trial: Any, status: str) -> None:
         run, _ = self.runs.pop(trial.trial_id, (None, None))
