@@ -155,3 +155,26 @@ def test_checkpoint_loads_with_weights_only(tiny_data_dir: Path, tmp_path: Path)
     # the checkpoint starts a new run through --load_checkpoint
     metrics = run_experiment([*argv, f"--load_checkpoint={path}"])
     assert metrics["test_acc"] >= 0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "one_cycle"])
+def test_lr_schedule_spans_the_runs_own_steps(tmp_path, schedule: str) -> None:
+    """A schedule runs over max_epochs x batches of this run: the lr ends near 0 at the last step, whatever the length."""
+    args = parse_args(["--fc1=8", "--fc2=8", "--lr=0.01", "--weight_decay=0.1", f"--lr_schedule={schedule}"])
+    model = BaseLitModel(MLP(DATA_CONFIG, args), args)
+    x, y = torch.randn(40, *DATA_CONFIG["input_dims"]), torch.randint(0, 10, (40,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    trainer = pl.Trainer(
+        max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    trainer.fit(model, loader)
+    optimizer = trainer.optimizers[0]
+    assert optimizer.param_groups[0]["weight_decay"] == 0.1
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 15  # 3 epochs x 5 batches, stepped per batch
+    assert optimizer.param_groups[0]["lr"] < 0.01 / 20  # far below the peak --lr by the end
+
+
+def test_weight_decay_must_not_be_negative() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--weight_decay=-0.1"])

@@ -117,6 +117,12 @@ BAD_CONFIGS = [
     ("fixed-not-a-choice", "fixed: {optimizer: Nope}\n" + SPACE, ("fixed.optimizer", "Nope")),
     ("fixed-data-class-nope", "fixed: {data_class: Nope}\n" + SPACE, ("fixed.data_class", "Nope", "MNIST")),
     ("fixed-model-class-nope", "fixed: {model_class: Nope}\n" + SPACE, ("fixed.model_class", "Nope", "MLP")),
+    ("unknown-search-alg", "search_alg: hyperopt\n" + SPACE, ("search_alg", "hyperopt", "optuna")),
+    ("grid-under-optuna", "search_alg: optuna\n" + space("fc1", "{grid: [8, 16]}"), ("space.fc1", "grid", "optuna", "choice")),
+    ("time-budget-text", "time_budget: soon\n" + SPACE, ("time_budget", "soon", "10m")),
+    ("time-budget-zero", "time_budget: 0\n" + SPACE, ("time_budget", "more than 0")),
+    ("time-budget-negative", "time_budget: -5m\n" + SPACE, ("time_budget", "more than 0")),
+    ("time-budget-list", "time_budget: [5]\n" + SPACE, ("time_budget", "duration")),
 ]
 
 
@@ -224,3 +230,26 @@ def test_shipped_trials_are_valid_runs(path: Path) -> None:
         assert args.max_epochs == config.max_t
         for key, value in trial.items():
             assert getattr(args, key) == pytest.approx(value) if isinstance(value, float) else getattr(args, key) == value
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), (45.5, 45.5), ("90s", 90), ("10m", 600), ("1.5h", 5400), ("2M", 120)])
+def test_time_budget_units(tmp_path: Path, text: str | float, seconds: float) -> None:
+    path = tmp_path / "budget.yaml"
+    path.write_text(f"time_budget: {text}\n" + SPACE)
+    assert load_config(path).time_budget == seconds
+
+
+def test_optuna_maps_every_other_sampler(tmp_path: Path) -> None:
+    """Every sampler but grid becomes an Optuna distribution: Tune's own conversion accepts the whole space."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    path = tmp_path / "optuna.yaml"
+    path.write_text(
+        "search_alg: optuna\nspace:\n  fc1: {choice: [8, 16]}\n  dropout: {uniform: [0.0, 0.5]}\n"
+        "  lr: {loguniform: [1.0e-4, 1.0e-2]}\n  fc2: {randint: [4, 9]}\n"
+    )
+    config = load_config(path)
+    space = {key: value for key, value in config.param_space().items() if key in config.space}
+    distributions = OptunaSearch.convert_search_space(space)
+    assert sorted(distributions) == ["dropout", "fc1", "fc2", "lr"]
+    assert distributions["lr"].log and distributions["fc2"].high == 8  # randint's high is exclusive

@@ -15,7 +15,8 @@ WANDB_PROJECT = "text-recognizer"  # the one default W&B project, of single runs
 CHECKPOINT_NAME = "model.ckpt"  # the file inside every Tune checkpoint folder of a trial
 HISTORY_NAME = "history.json"  # beside it: every epoch's metrics up to that checkpoint
 SEARCH_FILE = "search.json"  # the resolved description of a search, so --resume needs nothing else
-FINAL_STATUSES = ("completed", "stopped_early", "diverged", "error")
+# how a trial of a search that ended ended; "interrupted" and "pending" trials are what --resume continues
+FINAL_STATUSES = ("completed", "stopped_early", "diverged", "error", "stopped_by_budget", "not_started")
 RUN_SCRIPT = "training/run_experiment.py"
 SEARCH_SCRIPT = "search/tune_mlp.py"
 REPORT_PAGE = Path("report") / "report.html"  # a search's offline report, inside its folder
@@ -51,9 +52,10 @@ def sync_command(folder: str) -> str:
     return shlex.join(["python", SEARCH_SCRIPT, "sync", folder])
 
 
-def trial_status(last: dict[str, Any], max_t: int, error: bool = False) -> str:
+def trial_status(last: dict[str, Any], max_t: int, error: bool = False, budget_ended: bool = False) -> str:
     """A trial's outcome from its last result: completed (ran max_t epochs), stopped_early (by ASHA),
-    diverged, error, interrupted (started, not finished) or pending (never started).
+    diverged, error, interrupted (started, not finished) or pending (never started); when the search's time
+    budget ended it, its unfinished trials are stopped_by_budget (started) or not_started.
 
     Tune marks the last result of a finished trial `done` (ASHA's stop included), so no Tune status is needed.
     """
@@ -62,9 +64,9 @@ def trial_status(last: dict[str, Any], max_t: int, error: bool = False) -> str:
     if last.get("diverged"):
         return "diverged"
     if not last.get("training_iteration"):
-        return "pending"
+        return "not_started" if budget_ended else "pending"
     if not last.get("done"):
-        return "interrupted"
+        return "stopped_by_budget" if budget_ended else "interrupted"
     return "completed" if last["training_iteration"] >= max_t else "stopped_early"
 
 

@@ -10,11 +10,15 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from text_recognizer.util import positive_float, positive_int
+from text_recognizer.util import non_negative_float, positive_float, positive_int
 
 OPTIMIZER = "Adam"
 LR = 1e-3
 ONE_CYCLE_TOTAL_STEPS = 100
+WEIGHT_DECAY = 0.0
+# how the learning rate moves over a run's own steps (max_epochs x batches), from --lr:
+# constant; cosine: down to 0; one_cycle: up to --lr and down (torch's OneCycleLR)
+LR_SCHEDULES = ("constant", "cosine", "one_cycle")
 LOSS = "cross_entropy"
 # Names a user may give; looked up in torch.optim / torch.nn.functional, never arbitrary attributes.
 OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "NAdam", "RAdam")
@@ -36,6 +40,8 @@ class BaseLitModel(pl.LightningModule):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS} and loss one of {LOSSES}")
         self.optimizer_class = getattr(torch.optim, optimizer)
         self.lr = self.args.get("lr", LR)
+        self.weight_decay = self.args.get("weight_decay", WEIGHT_DECAY)
+        self.lr_schedule = self.args.get("lr_schedule", LR_SCHEDULES[0])
         self.one_cycle_max_lr = self.args.get("one_cycle_max_lr")
         self.one_cycle_total_steps = self.args.get("one_cycle_total_steps", ONE_CYCLE_TOTAL_STEPS)
         self.loss_fn = getattr(F, loss)
@@ -50,7 +56,18 @@ class BaseLitModel(pl.LightningModule):
     def add_to_argparse(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         parser.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZER, help=f"torch.optim class (default {OPTIMIZER})")
         parser.add_argument("--lr", type=positive_float, default=LR, help=f"learning rate (default {LR})")
-        parser.add_argument("--one_cycle_max_lr", type=positive_float, default=None, help="use OneCycleLR with this max lr")
+        parser.add_argument(
+            "--weight_decay", type=non_negative_float, default=WEIGHT_DECAY, help=f"optimizer weight decay ({WEIGHT_DECAY})"
+        )
+        parser.add_argument(
+            "--lr_schedule",
+            choices=LR_SCHEDULES,
+            default=LR_SCHEDULES[0],
+            help="learning rate over the run's steps: constant (default), cosine to 0, one_cycle peaking at --lr",
+        )
+        parser.add_argument(
+            "--one_cycle_max_lr", type=positive_float, default=None, help="the lab's OneCycleLR: this max lr, fixed steps"
+        )
         parser.add_argument(
             "--one_cycle_total_steps", type=positive_int, default=ONE_CYCLE_TOTAL_STEPS, help="OneCycleLR total steps"
         )
@@ -58,12 +75,19 @@ class BaseLitModel(pl.LightningModule):
         return parser
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_class(self.parameters(), lr=self.lr)
-        if self.one_cycle_max_lr is None:
+        optimizer = self.optimizer_class(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        lr_schedulers = torch.optim.lr_scheduler
+        if self.one_cycle_max_lr is not None:  # the lab's flags, kept as they were
+            scheduler = lr_schedulers.OneCycleLR(optimizer, max_lr=self.one_cycle_max_lr, total_steps=self.one_cycle_total_steps)
+        elif self.lr_schedule == "constant":
             return optimizer
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=self.one_cycle_max_lr, total_steps=self.one_cycle_total_steps
-        )
+        else:
+            # over this run's own length, so a trial's schedule ends where its max_epochs (ASHA's max_t) does
+            steps = max(1, int(self.trainer.estimated_stepping_batches))
+            if self.lr_schedule == "cosine":
+                scheduler = lr_schedulers.CosineAnnealingLR(optimizer, T_max=steps)
+            else:
+                scheduler = lr_schedulers.OneCycleLR(optimizer, max_lr=self.lr, total_steps=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

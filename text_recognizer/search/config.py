@@ -19,6 +19,11 @@ DEFAULT_CONFIG = CONFIGS_DIR / "mlp_asha.yaml"
 SMOKE_CONFIG = CONFIGS_DIR / "smoke.yaml"  # --smoke-test: the one home of the smoke settings
 METRICS = {"val_acc": "max", "val_loss": "min", "train_acc": "max", "train_loss": "min"}
 SAMPLERS = ("choice", "uniform", "loguniform", "randint", "grid")
+# how the next trial's values are picked: at random (Tune's BasicVariantGenerator), or by Optuna's TPE model of
+# the results so far (Tune's OptunaSearch); both run under the same ASHA scheduler
+SEARCH_ALGS = ("random", "optuna")
+NOT_MODELLED = {"optuna": ("grid",)}  # samplers a search_alg can't express: grid tries every value, a model picks one
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
 # Flags the search itself controls: a trial's epochs are ASHA's max_t, its device is the one Ray gave it.
 NOT_SEARCHABLE = {
     "max_epochs",
@@ -44,7 +49,9 @@ class SearchConfig:
     metric: str = "val_acc"
     mode: str = "max"
     num_samples: int = 10
-    seed: int = 0
+    seed: int = 0  # seeds the search_alg's sampler (not the trials: each trial's --seed is a run flag)
+    search_alg: str = SEARCH_ALGS[0]
+    time_budget: float | None = None  # seconds of search; None: until num_samples trials ended
     max_t: int = 10
     grace_period: int = 1
     reduction_factor: float = 3
@@ -79,13 +86,15 @@ TOP_LEVEL = {
     "mode": str,
     "num_samples": int,
     "seed": int,
+    "search_alg": str,
+    "time_budget": (int, float, str),
     "fixed": dict,
     "space": dict,
     "description": str,
     "scheduler": dict,
 }
 INT_TYPES = ("int", "positive_int")
-FLOAT_TYPES = ("float", "positive_float", "probability")
+FLOAT_TYPES = ("float", "positive_float", "non_negative_float", "probability")
 SCHEDULER = {"max_t": int, "grace_period": int, "reduction_factor": (int, float)}
 
 
@@ -123,14 +132,34 @@ def _parse_top_level(raw: dict[str, Any], path: Path, bad: Any) -> SearchConfig:
         if key not in TOP_LEVEL:
             raise bad(key, f"unknown key (known: {', '.join(TOP_LEVEL)})")
         if not _is(value, TOP_LEVEL[key]):
-            raise bad(key, f"expected {TOP_LEVEL[key].__name__}, got {type(value).__name__} {value!r}")
+            expected = getattr(TOP_LEVEL[key], "__name__", "a number or a duration such as 10m")
+            raise bad(key, f"expected {expected}, got {type(value).__name__} {value!r}")
     scheduler = raw.get("scheduler", {})
     for key, value in scheduler.items():
         if key not in SCHEDULER:
             raise bad(f"scheduler.{key}", f"unknown key (known: {', '.join(SCHEDULER)})")
         if not _is(value, SCHEDULER[key]):
             raise bad(f"scheduler.{key}", f"expected a number, got {type(value).__name__} {value!r}")
-    return SearchConfig(path=str(path), **{k: v for k, v in raw.items() if k != "scheduler"}, **scheduler)
+    settings = {k: v for k, v in raw.items() if k != "scheduler"}
+    if "time_budget" in settings:
+        try:
+            settings["time_budget"] = parse_duration(settings["time_budget"])
+        except ValueError as error:
+            raise bad("time_budget", str(error)) from None
+    return SearchConfig(path=str(path), **settings, **scheduler)
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds from a number of seconds or a duration such as 90s, 10m, 1.5h; ValueError unless > 0."""
+    text = str(value).strip()
+    unit = DURATION_UNITS.get(text[-1:].lower())
+    try:
+        seconds = float(text[:-1] if unit else text) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a duration: write seconds or e.g. 90s, 10m, 1.5h") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{value!r}: the time budget must be more than 0 seconds")
+    return seconds
 
 
 def _check_settings(config: SearchConfig, bad: Any) -> None:
@@ -147,6 +176,17 @@ def _check_settings(config: SearchConfig, bad: Any) -> None:
         raise bad("scheduler.reduction_factor", f"must be > 1, got {config.reduction_factor}")
     if not config.space:
         raise bad("space", "the search space is empty")
+    if config.search_alg not in SEARCH_ALGS:
+        raise bad("search_alg", f"unknown search_alg {config.search_alg!r} (known: {', '.join(SEARCH_ALGS)})")
+
+
+def check_search_alg(space: dict[str, dict[str, Any]], search_alg: str, bad: Any) -> None:
+    """Raise unless every sampler of the space is one that `search_alg` can model."""
+    for key, spec in space.items():
+        kind = next(iter(spec))
+        if kind in NOT_MODELLED.get(search_alg, ()):
+            message = f"{kind} can't be searched by search_alg {search_alg}: use choice (it picks one value a trial)"
+            raise bad(f"space.{key}", message)
 
 
 def _run_flags(fixed: dict[str, Any], path: Path, bad: Any) -> dict[str, argparse.Action]:
@@ -200,6 +240,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
     for key, value in fixed.items():
         _check_value(actions, key, value, bad, f"fixed.{key}")
     _check_space(config.space, actions, bad)
+    check_search_alg(config.space, config.search_alg, bad)
     space = {key: spec for key, spec in config.space.items() if key not in (overrides or {})}  # the command line wins
     return replace(config, fixed=fixed, space=space)
 
