@@ -27,7 +27,7 @@ from text_recognizer.search.report import write_report
 from text_recognizer.search.results import TrialClock, collect, print_report, summarize, write_results
 from text_recognizer.search.spec import SearchSpec, describe
 from text_recognizer.search.sweep import create_sweep, sweep_config
-from text_recognizer.search.wandb_logging import WandbTrialCallback, finish_search
+from text_recognizer.search.wandb_logging import WandbTrialCallback, check_installed, finish_search, kept_out
 from text_recognizer.training import DATA_CLASS
 
 CHECKPOINTS_KEPT = 2  # the best two by the metric (Tune always keeps the newest too, for resuming)
@@ -36,6 +36,7 @@ CHECKPOINTS_KEPT = 2  # the best two by the metric (Tune always keeps the newest
 def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run or resume a search; writes summary.json and trials.csv, logs the W&B summary, returns the summary."""
     spec = describe(argv)  # 1. flags + config -> one frozen description; bad input stops here
+    check_installed(spec.wandb_mode)  #    W&B, unless --wandb-mode disabled (then it is never imported)
     arrays = load_data(spec)  # decoded once, before Ray: a missing or corrupt file is a one-line error
     with ray_cluster(spec.address) as nodes:  # 2. start or join Ray
         spec = spec.fitted_to(nodes)
@@ -161,7 +162,7 @@ def fit(spec: SearchSpec, data: ray.ObjectRef) -> tuple[tune.ResultGrid, TrialCl
             function, param_space=spec.config.param_space(), tune_config=tune_config(spec), run_config=run_config(spec, callbacks)
         )
     began = time.time()
-    with tune_environment(spec.output):
+    with tune_environment(spec.output), kept_out(spec.wandb_mode):
         grid = tuner.fit()
     wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over
     record["wall_seconds"] += time.time() - began

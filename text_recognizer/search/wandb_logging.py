@@ -7,17 +7,21 @@ ends as one finished W&B run, and runs land in the search's own folder on the dr
 from __future__ import annotations
 
 import itertools
+import importlib.util
 import json
 import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import wandb
 from ray import tune
 
 from text_recognizer.facts import trial_status, wandb_run_id
 from text_recognizer.search import sweep
 from text_recognizer.search.spec import SearchSpec
+from text_recognizer.util import UserError
 
 # what a trial run's history holds, one row per epoch
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "diverged")
@@ -26,9 +30,31 @@ SUMMARY_COLUMNS = ("status", "epochs", "val_acc", "val_loss", "train_acc", "trai
 WHERE_KEYS = ("node_id", "node_ip", "cpus", "gpus", "gpu_ids")
 
 
+def check_installed(mode: str) -> None:
+    """W&B is imported only when a run is logged; a search that will log one fails at once if it can't."""
+    if mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise UserError(f"--wandb-mode {mode}: W&B (wandb) is not installed here; install it or use --wandb-mode disabled")
+
+
+@contextmanager
+def kept_out(mode: str) -> Iterator[None]:
+    """With --wandb-mode disabled, not even Ray imports W&B: Tune's usage tagging imports Ray's W&B integration,
+    which tries `import wandb`, whenever callbacks are given. While the search fits, that import fails at once."""
+    block = mode == "disabled" and "wandb" not in sys.modules
+    if block:
+        sys.modules["wandb"] = None  # type: ignore[assignment]  # Python's way to make an import fail
+    try:
+        yield
+    finally:
+        if block and sys.modules.get("wandb", False) is None:
+            del sys.modules["wandb"]
+
+
 def run_settings(sweep_id: str | None = None) -> Any:
     """The settings of every run the driver starts: no system-metrics sampling or code/git capture (the driver hosts
     many runs at once) and, online, the sweep the run belongs to."""
+    import wandb  # in each function, not at the top: with --wandb-mode disabled W&B is never imported
+
     return wandb.Settings(
         silent=True,
         x_disable_stats=True,
@@ -42,6 +68,8 @@ def run_settings(sweep_id: str | None = None) -> Any:
 
 def init_run(sweep_id: str | None = None, **kwargs: Any) -> Any:
     """wandb.init for one of several concurrent runs in this process."""
+    import wandb
+
     return wandb.init(reinit="create_new", resume="allow", settings=run_settings(sweep_id), **kwargs)
 
 
@@ -175,6 +203,8 @@ def finish_search(spec: SearchSpec, summary: dict[str, Any], sweep_id: str | Non
 
 def log_summary_run(spec: SearchSpec, summary: dict[str, Any]) -> str:
     """One more run (job_type summary): a table of all trials and the best checkpoint as a model artifact."""
+    import wandb
+
     run = init_run(
         project=spec.wandb_project,
         id=wandb_run_id(spec.name, "summary"),
