@@ -16,12 +16,15 @@ import ray
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from text_recognizer.data import DATA_CLASSES
-from text_recognizer.facts import SEARCH_FILE
-from text_recognizer.search import trial_process, tune_actor
+from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE
+from text_recognizer.search import storage, tune_actor
+from text_recognizer.search.checkpoints import CheckpointKeeper
 from text_recognizer.search.cluster import ray_cluster
+from text_recognizer.search.preemption import Preemption
 from text_recognizer.search.progress import Progress
 from text_recognizer.search.report import write_report
 from text_recognizer.search.results import TrialClock, collect, print_report, summarize, write_results
@@ -30,7 +33,9 @@ from text_recognizer.search.sweep import create_sweep, sweep_config
 from text_recognizer.search.wandb_logging import WandbTrialCallback, check_installed, finish_search, kept_out
 from text_recognizer.training import DATA_CLASS
 
-CHECKPOINTS_KEPT = 2  # the best two by the metric (Tune always keeps the newest too, for resuming)
+# while a trial runs: its best by the metric and (Tune always keeps it) its newest, for resuming; once it has
+# ended, CheckpointKeeper leaves only the best, weights only
+CHECKPOINTS_KEPT = 1
 
 
 def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -38,18 +43,30 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
     spec = describe(argv)  # 1. flags + config -> one frozen description; bad input stops here
     check_installed(spec.wandb_mode)  #    W&B, unless --wandb-mode disabled (then it is never imported)
     arrays = load_data(spec)  # decoded once, before Ray: a missing or corrupt file is a one-line error
-    with ray_cluster(spec.address) as nodes:  # 2. start or join Ray
+    preemption = Preemption()  # SIGTERM, from ray.init on: ends the search as Ctrl-C does (exit 143)
+    with ray_cluster(spec.address) as nodes, preemption.catching():  # 2. start or join Ray
         spec = spec.fitted_to(nodes)
+        storage.check_every_node_sees(spec.where)  # on a cluster: refuse a folder that only this node has
         data = put_data(arrays)  # the dataset goes into Ray's object store once; the driver drops its copy
-        grid, clock, wall_seconds, sweep_id = fit(spec, data)  # 3. build the Tuner and fit it
-        rows, best = collect(grid, spec, clock.ready)  # 4. the trials, from the ResultGrid
-        summary = summarize(spec, rows, test_winner(spec, best, data, rows), wall_seconds, sweep_id)
+        grid, clock, wall_seconds, sweep_id = fit(spec, data, [preemption])  # 3. build the Tuner and fit it
+        rows, best = collect(grid, spec, clock.ready, budget_spent(spec, wall_seconds))  # 4. the trials, from the ResultGrid
+        best = local_winner(spec, test_winner(spec, best, data, rows))
+        summary = summarize(spec, rows, best, wall_seconds, sweep_id)
+        summary["preempted"] = preemption.received  # SIGTERM came: an interrupted search exits 143, not 130
     write_results(summary, spec.folder)  # 5. summary.json, trials.csv and
     write_report(spec.folder, summary)  #    report/report.html
     if spec.wandb_mode != "disabled" and not summary["interrupted"]:  # a resumed search logs it once, at its end
         finish_search(spec, summary, summary["wandb"].get("sweep_id"))  # 6. the W&B summary run; the sweep stops
+    if spec.storage:  # the driver's own files beside Tune's: --resume, anywhere, needs only the URI
+        storage.upload_driver_files(spec.folder, spec.storage)
     print_report(summary, spec.top)  # 7.
     return summary
+
+
+def budget_spent(spec: SearchSpec, wall_seconds: float) -> bool:
+    """Whether the time budget ended the search. Tune's budget clock runs inside the drivers' fits, which
+    `wall_seconds` adds up over every driver of the search, so it has run out when they reach it."""
+    return spec.config.time_budget is not None and wall_seconds >= spec.config.time_budget
 
 
 def load_data(spec: SearchSpec) -> dict[str, Any]:
@@ -65,8 +82,23 @@ def test_winner(spec: SearchSpec, best: dict | None, data: ray.ObjectRef, rows: 
     if best is None or any(row["status"] in ("interrupted", "pending") for row in rows):
         return best
     cpus, gpus = spec.resources
-    evaluate = ray.remote(num_cpus=cpus, num_gpus=gpus)(trial_process.test_winner)
-    return {**best, **ray.get(evaluate.remote(best["config"], best["checkpoint"], data))}
+    # where Tune stored it (a folder or a URI): the worker, on any node, reads it from there
+    checkpoint = tune.Checkpoint(os.path.dirname(best["checkpoint"]), filesystem=tune_storage(spec).get("storage_filesystem"))
+    evaluate = ray.remote(num_cpus=cpus, num_gpus=gpus)(tune_actor.test_winner)
+    return {**best, **ray.get(evaluate.remote(best["config"], checkpoint, data))}
+
+
+def local_winner(spec: SearchSpec, best: dict | None) -> dict | None:
+    """With a URI storage: the winner's checkpoint downloaded into the search's local folder (predict and replay
+    read a local file), its URI beside it."""
+    if best is None or spec.storage is None:
+        return best
+    folder = storage.fetch(spec.storage, os.path.dirname(best["checkpoint"]), spec.folder)
+    return {
+        **best,
+        "checkpoint": str(folder / CHECKPOINT_NAME),
+        "checkpoint_uri": storage.uri_of(spec.storage, best["checkpoint"]),
+    }
 
 
 def put_data(arrays: dict[str, Any]) -> ray.ObjectRef:
@@ -100,17 +132,38 @@ def tune_config(spec: SearchSpec) -> tune.TuneConfig:
             grace_period=config.grace_period,
             reduction_factor=config.reduction_factor,
         ),
-        search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=spec.max_concurrent or 0),
+        search_alg=search_alg(spec),
+        time_budget_s=config.time_budget,  # Tune stops every trial then; the stopper's state is saved for --resume
         reuse_actors=True,  # a trial starts in a running actor: no new worker, no imports again
         trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
     )
 
 
+def search_alg(spec: SearchSpec) -> BasicVariantGenerator | Searcher:
+    """The config's sampler, seeded by its seed: random (Tune's own) or Optuna's TPE (a model of the results so far)."""
+    config = spec.config
+    if config.search_alg == "random":
+        return BasicVariantGenerator(random_state=config.seed, max_concurrent=spec.max_concurrent or 0)
+    from ray.tune.search.optuna import OptunaSearch  # imports optuna: only for searches that use it
+
+    searcher = OptunaSearch(seed=config.seed)  # TPE; metric and mode come from the TuneConfig
+    return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent) if spec.max_concurrent else searcher
+
+
+def tune_storage(spec: SearchSpec) -> dict[str, Any]:
+    """Where Tune keeps the search: a folder, or a URI's path with its pyarrow filesystem (Tune appends the search's
+    name to the path, which a URI's query, e.g. an endpoint, would break)."""
+    if spec.storage is None:
+        return {"storage_path": str(spec.folder.parent)}
+    filesystem, path = storage.open_uri(spec.storage)
+    return {"storage_path": path, "storage_filesystem": filesystem}
+
+
 def run_config(spec: SearchSpec, callbacks: list[tune.Callback]) -> tune.RunConfig:
     return tune.RunConfig(
         name=spec.name,
-        storage_path=str(spec.folder.parent),
+        **tune_storage(spec),
         callbacks=callbacks,
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute=spec.config.metric, checkpoint_score_order=spec.config.mode
@@ -132,41 +185,60 @@ def replace_callbacks(tuner: tune.Tuner, callbacks: list[tune.Callback]) -> None
 
 def open_folder(spec: SearchSpec) -> dict[str, Any]:
     """The search folder, ready for Tune (wiped first with --overwrite); returns the saved record of the search."""
-    if spec.overwrite and not spec.resume and spec.folder.exists():
-        shutil.rmtree(spec.folder)  # only now: every check passed, the data loaded and Ray started
+    if spec.overwrite and not spec.resume:  # only now: every check passed, the data loaded and Ray started
+        shutil.rmtree(spec.folder, ignore_errors=True)
+        if spec.storage:
+            storage.delete(spec.storage, spec.name)
     spec.folder.mkdir(parents=True, exist_ok=True)
+    if spec.resume and spec.storage and not (spec.folder / SEARCH_FILE).is_file():  # resumed on another machine
+        storage.download(spec.storage, spec.folder, storage.is_driver_file)
     previous = json.loads((spec.folder / SEARCH_FILE).read_text()) if spec.resume else {}
     record = {**spec.saved(), "wall_seconds": previous.get("wall_seconds", 0.0), "sweep_id": previous.get("sweep_id")}
     if spec.wandb_mode == "online" and not record["sweep_id"]:  # offline, `sync FOLDER` makes the sweep later
         record["sweep_id"] = create_sweep(sweep_config(spec.name, spec.config), spec.wandb_project)
     (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
+    if spec.storage:  # from now on --resume works from the URI alone
+        storage.upload_driver_files(spec.folder, spec.storage)
     return record
 
 
-def fit(spec: SearchSpec, data: ray.ObjectRef) -> tuple[tune.ResultGrid, TrialClock, float, str | None]:
+def fit(
+    spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = ()
+) -> tuple[tune.ResultGrid, TrialClock, float, str | None]:
     """Build the Tuner (or restore it, with --resume) and fit it; returns its ResultGrid, the trials' start clock,
     the search's wall seconds over all its drivers and its W&B sweep (online)."""
     record = open_folder(spec)
     function = trainable(spec, data)
     clock, wandb_callback = TrialClock(), WandbTrialCallback(spec, record["sweep_id"])
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), clock]
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), clock, CheckpointKeeper(), *extra]
     callbacks += [wandb_callback] if spec.wandb_mode != "disabled" else []
     if spec.output == "progress":
         config = spec.config
         callbacks.append(Progress(config.metric, config.mode, config.max_t, list(config.space)))
     if spec.resume:
-        tuner = tune.Tuner.restore(str(spec.folder), function, resume_unfinished=True, resume_errored=True)
+        where = tune_storage(spec)
+        tuner = tune.Tuner.restore(
+            f"{where['storage_path']}/{spec.name}",
+            function,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=where.get("storage_filesystem"),
+        )
         replace_callbacks(tuner, callbacks)
     else:
         tuner = tune.Tuner(
             function, param_space=spec.config.param_space(), tune_config=tune_config(spec), run_config=run_config(spec, callbacks)
         )
     began = time.time()
+    if spec.config.time_budget is not None:  # when Tune's stopper will have spent the budget left, at the latest
+        wandb_callback.deadline = began + spec.config.time_budget - record["wall_seconds"]
     with tune_environment(spec.output), kept_out(spec.wandb_mode):
         grid = tuner.fit()
     wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over
     record["wall_seconds"] += time.time() - began
     (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
+    if spec.storage:  # the trials' logs (not their checkpoints) for the results and the report
+        storage.download(spec.storage, spec.folder, storage.is_trial_file)
     return grid, clock, record["wall_seconds"], record["sweep_id"]
 
 

@@ -69,7 +69,7 @@ def _failures(trial_dir: Path) -> int:
     return sum(line.startswith("Failure # ") for line in errors.read_text().splitlines()) if errors.is_file() else 0
 
 
-def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float]) -> dict[str, Any]:
+def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float], budget_ended: bool = False) -> dict[str, Any]:
     """One trial: its outcome, epochs, config, final metrics, best metric, start-up, device and failures."""
     config, last = spec.config, result.metrics or {}
     frame = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
@@ -78,7 +78,7 @@ def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float]) 
     trial_id, trial_config, epochs = last["trial_id"], dict(result.config or {}), int(last.get("training_iteration", 0))
     row = {
         "trial_id": trial_id,
-        "status": trial_status(last, config.max_t, error=result.error is not None),
+        "status": trial_status(last, config.max_t, error=result.error is not None, budget_ended=budget_ended),
         "epochs": epochs,
         "config": trial_config,
         **{key: finite(last.get(key)) for key in FINAL_METRICS},
@@ -91,9 +91,9 @@ def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float]) 
         "gpus": last.get("gpus"),
         "gpu_ids": last.get("gpu_ids"),
         "cuda_visible_devices": last.get("cuda_visible_devices"),
-        "failures": _failures(Path(result.path)),
+        "failures": _failures(spec.folder / Path(result.path).name),  # the trial's logs, also with a URI storage
         "replay": replay_command(trial_config, epochs or None),
-        "error": str(Path(result.path) / ERROR_FILE) if result.error is not None else None,
+        "error": str(spec.folder / Path(result.path).name / ERROR_FILE) if result.error is not None else None,
     }
     if trial_id in trial_starts and len(frame) and "first_step_at" in frame:
         row["startup_seconds"] = float(frame["first_step_at"].iloc[0]) - trial_starts[trial_id]
@@ -121,12 +121,15 @@ def best_checkpoint(result: Result, row: dict[str, Any], spec: SearchSpec) -> di
     }
 
 
-def collect(results: Iterable[Result], spec: SearchSpec, trial_starts: dict[str, float]) -> tuple[list[dict], dict | None]:
-    """One row per trial (by trial id), and the best checkpoint of all trials that neither failed nor diverged."""
+def collect(
+    results: Iterable[Result], spec: SearchSpec, trial_starts: dict[str, float], budget_ended: bool = False
+) -> tuple[list[dict], dict | None]:
+    """One row per trial (by trial id), and the best checkpoint of all trials that neither failed nor diverged;
+    `budget_ended`: the time budget stopped the trials that have not ended."""
     rows, best = [], None
     sign = 1 if spec.config.mode == "max" else -1
     for result in sorted(results, key=lambda r: r.metrics["trial_id"]):
-        row = trial_row(result, spec, trial_starts)
+        row = trial_row(result, spec, trial_starts, budget_ended)
         rows.append(row)
         candidate = best_checkpoint(result, row, spec)
         if candidate and (best is None or sign * candidate["value"] > sign * best["value"]):
@@ -149,6 +152,7 @@ def summarize(
     summary = {
         "name": spec.name,
         "interrupted": interrupted,
+        "budget_ended": any(row["status"] in ("stopped_by_budget", "not_started") for row in rows),
         "search_dir": str(spec.folder),
         "settings": spec.config.settings(),
         "space": spec.config.space,
@@ -169,7 +173,7 @@ def summarize(
     if spec.wandb_mode == "offline" and not interrupted:  # uploads the runs, then makes them a sweep
         summary["wandb"]["sync_command"] = sync_command(str(spec.folder))
     if interrupted:
-        summary["resume_command"] = resume_command(spec.name, str(spec.folder.parent))
+        summary["resume_command"] = resume_command(spec.name, spec.where)
     return summary
 
 
@@ -234,6 +238,9 @@ def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdou
         print(f"W&B runs are offline; upload them as a W&B sweep with:\n  {summary['wandb']['sync_command']}", file=file)
     if summary.get("report"):
         print(f"Report: {summary['report']}", file=file)
+    if summary.get("budget_ended"):
+        budget = summary["settings"]["time_budget"]
+        print(f"\nThe time budget ({budget:g} s) ended the search: no trial started after it, running ones stopped.", file=file)
     if summary["interrupted"]:
         print(f"\nThe search was interrupted; its state is saved. Continue it with:\n  {summary['resume_command']}", file=file)
 

@@ -21,7 +21,16 @@ from typing import Any
 import torch
 
 from text_recognizer.facts import SEARCH_FILE, WANDB_PROJECT
-from text_recognizer.search.config import DEFAULT_CONFIG, SMOKE_CONFIG, SearchConfig, load_config
+from text_recognizer.search import storage as stored
+from text_recognizer.search.config import (
+    DEFAULT_CONFIG,
+    SEARCH_ALGS,
+    SMOKE_CONFIG,
+    SearchConfig,
+    check_search_alg,
+    load_config,
+    parse_duration,
+)
 from text_recognizer.training import build_parser, default_wandb_mode
 from text_recognizer.util import Parser, UserError
 
@@ -37,7 +46,7 @@ class SearchSpec:
     """One search, as checked: who it is, where it lives, what it searches, what each trial gets, where it logs."""
 
     name: str
-    folder: Path  # <storage>/<name>
+    folder: Path  # <storage>/<name>; with a URI storage, the driver's local folder logs/search/<name>
     config: SearchConfig
     wandb_mode: str  # online | offline | disabled
     wandb_project: str
@@ -46,12 +55,18 @@ class SearchSpec:
     resources: tuple[float, float] | None = None  # CPUs and GPUs per trial, once checked against the cluster
     trial_process: str = "actor"
     address: str | None = None  # a cluster to join; None: start a local one
+    storage: str | None = None  # a URI (s3://bucket/prefix) where Tune keeps state and checkpoints; None: folder.parent
     resume: bool = False
     overwrite: bool = False
     max_failures: int = MAX_FAILURES
     max_concurrent: int | None = None
     top: int = 5
     output: str = "progress"  # progress (a line per finished trial, a status line), tune (Tune's own), quiet
+
+    @property
+    def where(self) -> str:
+        """The --storage-path that holds the search (what --resume takes): its URI, or the folder's parent."""
+        return self.storage or str(self.folder.parent)
 
     def saved(self) -> dict[str, Any]:
         """What --resume needs again, written to the search folder's SEARCH_FILE."""
@@ -107,14 +122,17 @@ def build_search_parser() -> Parser:
     )
     add = parser.add_argument
     add("--num-samples", type=int, default=None, help="trials to sample (default: the config's num_samples)")
+    add("--search-alg", choices=SEARCH_ALGS, default=None, help="how trials are sampled (default: the config's search_alg)")
+    add(
+        "--time-budget",
+        default=None,
+        help="end the search after this long, e.g. 600, 90s, 10m, 1.5h: no new trial starts, running ones end "
+        "(default: the config's time_budget, else none)",
+    )
     add("--config", default=None, help=f"search config: a YAML file or a shipped config's name (default {DEFAULT_CONFIG.stem})")
     add("--name", default=None, help="search name: its folder under --storage-path and its W&B group (default: config + time)")
-    add(
-        "--storage-path",
-        type=Path,
-        default=STORAGE_PATH,
-        help=f"folder for searches; shared storage on a cluster ({STORAGE_PATH})",
-    )
+    storage_help = f"a folder ({STORAGE_PATH}; on a cluster one every node mounts) or a URI, e.g. s3://bucket/prefix"
+    add("--storage-path", default=str(STORAGE_PATH), help=storage_help)
     add("--cpus-per-trial", type=float, default=None, help="CPUs per trial, also its torch threads (default 1, or CPUs/(GPUs*4))")
     add(
         "--gpus-per-trial",
@@ -224,6 +242,8 @@ def resumed_spec(args: argparse.Namespace, overrides: dict[str, Any], storage: P
     given = {
         "--config": args.config,
         "--num-samples": args.num_samples is not None,
+        "--search-alg": args.search_alg,
+        "--time-budget": args.time_budget,
         "--smoke-test": args.smoke_test,
         "--overwrite": args.overwrite,
         "--wandb-mode": args.wandb_mode,
@@ -235,28 +255,66 @@ def resumed_spec(args: argparse.Namespace, overrides: dict[str, Any], storage: P
             f"--resume continues the search as it was saved and can't change {', '.join(changes)}: "
             "drop them, or start a new search under another --name"
         )
-    folder = storage / args.name
-    if not (folder / SEARCH_FILE).is_file() or not (folder / "tuner.pkl").is_file():
-        raise UserError(f"--resume: no search named {args.name!r} in {storage}")
-    saved = json.loads((folder / SEARCH_FILE).read_text())
+    saved = saved_search(storage / args.name, storage_uri(args))
     trial_process = saved.get("trial_process", TRIAL_PROCESSES[0])
     if args.trial_process not in (None, trial_process):
         raise UserError(
             f"--resume: the search {args.name!r} trains its trials with --trial-process {trial_process}: drop the flag"
         )
-    return _spec(args, folder, SearchConfig(**saved["config"]), saved["wandb_mode"], saved["wandb_project"], trial_process)
+    config = SearchConfig(**saved["config"])
+    return _spec(args, storage / args.name, config, saved["wandb_mode"], saved["wandb_project"], trial_process)
+
+
+def storage_uri(args: argparse.Namespace) -> str | None:
+    """--storage-path when it is a URI (s3://bucket/prefix), else None."""
+    return args.storage_path if stored.is_uri(args.storage_path) else None
+
+
+def saved_search(folder: Path, uri: str | None) -> dict[str, Any]:
+    """The saved record of the search in `folder` or, with a URI, stored under the URI (the local copy when there
+    is one: the driver writes it first); UserError when there is no such search."""
+    if uri is None:
+        if not (folder / SEARCH_FILE).is_file() or not (folder / "tuner.pkl").is_file():
+            raise UserError(f"--resume: no search named {folder.name!r} in {folder.parent}")
+        return json.loads((folder / SEARCH_FILE).read_text())
+    try:
+        if not stored.stored(uri, folder.name, SEARCH_FILE, "tuner.pkl"):
+            raise UserError(f"--resume: no search named {folder.name!r} in {uri}")
+        local = folder / SEARCH_FILE
+        return json.loads(local.read_text() if local.is_file() else stored.read_text(uri, folder.name, SEARCH_FILE))
+    except OSError as error:
+        raise UserError(f"--resume: can't read the search {folder.name!r} in {uri} ({stored.first_line(error)})") from None
+
+
+def with_search_flags(config: SearchConfig, args: argparse.Namespace) -> SearchConfig:
+    """The config with what --num-samples, --search-alg and --time-budget say instead."""
+    if args.num_samples is not None:
+        config = replace(config, num_samples=args.num_samples)
+    if args.time_budget is not None:
+        try:
+            config = replace(config, time_budget=parse_duration(args.time_budget))
+        except ValueError as error:
+            raise UserError(f"--time-budget {error}") from None
+    if args.search_alg is not None:
+        config = replace(config, search_alg=args.search_alg)
+
+        def bad(key: str, message: str) -> UserError:
+            return UserError(f"--search-alg {args.search_alg}: {config.path}: {key}: {message}")
+
+        check_search_alg(config.space, args.search_alg, bad)
+    return config
 
 
 def new_spec(args: argparse.Namespace, overrides: dict[str, Any], storage: Path) -> SearchSpec:
     """The spec of a new search; refuses a name that is taken unless --overwrite."""
     config = load_config(SMOKE_CONFIG if args.smoke_test else args.config or DEFAULT_CONFIG, overrides)
-    if args.num_samples is not None:
-        config = replace(config, num_samples=args.num_samples)
+    config = with_search_flags(config, args)
     name = args.name or f"{Path(config.path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_name(name)
-    if (storage / name).exists() and not args.overwrite:
+    uri = storage_uri(args)
+    if ((storage / name).exists() or (uri and stored.stored(uri, name))) and not args.overwrite:
         raise UserError(
-            f"a search named {name!r} exists in {storage}: continue it with --resume, "
+            f"a search named {name!r} exists in {uri or storage}: continue it with --resume, "
             "pick another --name, or start over with --overwrite"
         )
     wandb_mode, trial_process = args.wandb_mode or default_wandb_mode(), args.trial_process or TRIAL_PROCESSES[0]
@@ -276,6 +334,7 @@ def _spec(
         gpus_per_trial=args.gpus_per_trial,
         trial_process=trial_process,
         address=args.address,
+        storage=storage_uri(args),
         resume=args.resume,
         overwrite=args.overwrite,
         max_failures=args.max_failures,
@@ -292,7 +351,10 @@ def describe(argv: Sequence[str] | None) -> SearchSpec:
     overrides = parse_run_overrides(rest)
     check_numbers(args)
     check_address(args.address)
-    storage = prove_storage(args.storage_path)
+    uri = storage_uri(args)
+    if uri:
+        stored.prove_uri(uri)  # a bad URI, a missing bucket, refused credentials: one line, before anything starts
+    storage = prove_storage(STORAGE_PATH if uri else Path(args.storage_path))  # with a URI: the driver's own files
     make = resumed_spec if args.resume else new_spec
     spec = make(args, overrides, storage)
     if spec.address is None and not ray_running():

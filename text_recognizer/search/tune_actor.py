@@ -5,7 +5,7 @@
 - `train_in_fork` (`--trial-process fork`): the trial trains in a fork of the node's fork server, which
   imported torch and Lightning once and holds the dataset once; this actor relays each epoch to Tune.
 
-Imports Ray and the standard library only, so that a fork-mode actor never loads torch.
+Imports Ray (with its pyarrow) and the standard library only, so that a fork-mode actor never loads torch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,21 +22,18 @@ import ray
 from ray import tune
 
 from text_recognizer.facts import CHECKPOINT_NAME
-from text_recognizer.search import forkserver
+from text_recognizer.search import checkpoints, forkserver
 
 # what the fork server runs, by name, and imports once before it forks (torch, Lightning, the package)
 FORK_TARGET = "text_recognizer.search.trial_process:run_in_fork"
 
 
 @contextmanager
-def restored_checkpoint() -> Iterator[str | None]:
-    """The model file of the checkpoint Tune restores this trial from, or None for a fresh trial."""
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        yield None
-        return
-    with checkpoint.as_directory() as directory:
-        yield os.path.join(directory, CHECKPOINT_NAME)
+def restored_checkpoint() -> Iterator[tuple[str | None, Callable[[dict[str, Any], str], None]]]:
+    """The model file this trial resumes from (None: a fresh trial, or none of its checkpoints is readable), and
+    the function that hands its epochs to Tune."""
+    with checkpoints.resumable(tune.get_checkpoint()) as (checkpoint, warning):
+        yield checkpoint, reporter(warning)
 
 
 def trial_settings(checkpoint: str | None, started: float) -> dict[str, Any]:
@@ -54,12 +51,21 @@ def trial_settings(checkpoint: str | None, started: float) -> dict[str, Any]:
     }
 
 
-def report(metrics: dict[str, Any], directory: str) -> None:
-    """Hand one epoch to Tune; blocks until Tune took it. When ASHA stops the trial, Tune ends this thread here."""
-    try:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+def reporter(warning: str | None) -> Callable[[dict[str, Any], str], None]:
+    """report(metrics, checkpoint folder): hand one epoch to Tune; blocks until Tune took it (when ASHA stops the
+    trial, Tune ends this thread there). The epoch is Tune's training_iteration, also after a fall back to an older
+    checkpoint than Tune's newest (Tune would count on from the newest); the first epoch carries the warning."""
+    notes = {checkpoints.WARNING_KEY: warning} if warning else {}
+
+    def report(metrics: dict[str, Any], directory: str) -> None:
+        try:
+            result = {**metrics, "training_iteration": metrics["epoch"], **notes}
+            notes.clear()
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    return report
 
 
 def train_in_actor(config: dict[str, Any], arrays: dict[str, Any] | None = None) -> None:
@@ -69,7 +75,7 @@ def train_in_actor(config: dict[str, Any], arrays: dict[str, Any] | None = None)
     from text_recognizer.search import trial_process
 
     try:
-        with restored_checkpoint() as checkpoint:
+        with restored_checkpoint() as (checkpoint, report):
             trial_process.train_trial(config, arrays, report, **trial_settings(checkpoint, started))
     finally:
         trial_process.release_memory()
@@ -81,7 +87,7 @@ def train_in_fork(config: dict[str, Any], arrays: dict[str, Any] | None = None, 
     The trial process waits for Tune to take an epoch before it trains the next (ASHA decides in between).
     """
     started = time.time()
-    with restored_checkpoint() as checkpoint:
+    with restored_checkpoint() as (checkpoint, report):
         request = {
             "target": FORK_TARGET,
             "data_key": data_key,
@@ -98,3 +104,12 @@ def train_in_fork(config: dict[str, Any], arrays: dict[str, Any] | None = None, 
                 report(message["metrics"], message["checkpoint"])  # leaving the `with` early kills the trial process
                 trial.go_on()
     sys.stdout.flush()
+
+
+def test_winner(config: dict[str, Any], checkpoint: tune.Checkpoint, arrays: dict[str, Any]) -> dict[str, float]:
+    """A Ray task: the test metrics of the winner's checkpoint, read wherever Tune stored it (a folder every node
+    sees, or a URI: then a local copy for the length of the test)."""
+    from text_recognizer.search import trial_process  # torch and Lightning: here, not in a fork-mode actor
+
+    with checkpoint.as_directory() as directory:
+        return trial_process.test_winner(config, os.path.join(directory, CHECKPOINT_NAME), arrays)
