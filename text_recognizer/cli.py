@@ -42,8 +42,8 @@ def tune_mlp(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary = run_search(argv)
     except UserError as error:
         fail(f"tune_mlp.py: error: {error}")
-    if summary["interrupted"]:
-        raise SystemExit(130)  # like any program stopped by Ctrl-C; the state is saved for --resume
+    if summary["interrupted"]:  # the state is saved for --resume
+        raise SystemExit(143 if summary.get("preempted") else 130)  # as a program stopped by SIGTERM, or by Ctrl-C
     return summary
 
 

@@ -1,0 +1,145 @@
+"""Runs in the driver and in Tune's trial actors: which of a trial's checkpoints a search keeps, and which one a
+resumed trial starts from.
+
+- In the actor, `resumable`: a resumed trial starts from its newest readable checkpoint. Its newest one may be
+  unreadable (a file truncated by a full disk or a killed copy); it then falls back to the one before, or to
+  scratch, and says so in one line.
+- In the driver, `CheckpointKeeper` (a Tune callback): once a trial has ended, only its best checkpoint is left,
+  weights only. Unfinished trials keep what Tune keeps for `--resume`; a trial that errored keeps both, as
+  `--resume` retries it from its newest.
+
+Checkpoints live in Tune's storage, a folder or a URI (s3://...): every file operation goes through the
+checkpoint's own pyarrow filesystem. Torch is imported only where a checkpoint is rewritten (in the driver), so a
+fork-mode actor, which checks checkpoints here, never loads it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import re
+import sys
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pyarrow.fs
+from ray import tune
+
+from text_recognizer.facts import CHECKPOINT_NAME
+
+FOLDER = re.compile(r"checkpoint_(\d+)$")  # Tune's name for a trial's checkpoint folders
+TRAINER_STATE = ("optimizer_states", "lr_schedulers", "callbacks")  # what Lightning leaves out of weights-only files
+WARNING_KEY = "checkpoint_warning"  # a result's note that the trial did not resume from its newest checkpoint
+
+
+def index(checkpoint: tune.Checkpoint) -> int:
+    match = FOLDER.search(checkpoint.path.rstrip("/"))
+    return int(match.group(1)) if match else -1
+
+
+def siblings(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:
+    """Every checkpoint folder of the trial that `checkpoint` belongs to, newest (highest index) first."""
+    fs, folder = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
+    found = [
+        tune.Checkpoint(info.path, filesystem=fs)
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
+        if info.type == pyarrow.fs.FileType.Directory and FOLDER.search(info.base_name)
+    ]
+    return sorted(found, key=index, reverse=True)
+
+
+def unreadable(path: str) -> str | None:
+    """Why the checkpoint file at `path` can't be read, or None when it can. torch saves a zip archive: one whose
+    members all match their CRC-32 is whole; a truncated or overwritten file is not."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except FileNotFoundError:
+        return "missing"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        return f"{type(error).__name__}: {error}"
+    return f"{bad} fails its CRC check" if bad else None
+
+
+@contextmanager
+def resumable(newest: tune.Checkpoint | None) -> Iterator[tuple[str | None, str | None]]:
+    """The model file a trial resumes from (None: from scratch), and a one-line warning when that is not `newest`:
+    the newest readable checkpoint of the trial, no newer than the one Tune restores (`tune.get_checkpoint()`)."""
+    if newest is None:
+        yield None, None
+        return
+    skipped = []
+    for candidate in [c for c in siblings(newest) if index(c) <= index(newest)] or [newest]:
+        with candidate.as_directory() as directory:
+            path = os.path.join(directory, CHECKPOINT_NAME)  # a local folder
+            problem = unreadable(path)
+            if problem is None:
+                yield path, fallback_warning(skipped, posixpath.basename(candidate.path.rstrip("/")))
+                return
+        skipped.append(f"{posixpath.basename(candidate.path.rstrip('/'))}/{CHECKPOINT_NAME} ({problem})")
+    yield None, fallback_warning(skipped, None)
+
+
+def fallback_warning(skipped: list[str], used: str | None) -> str | None:
+    if not skipped:
+        return None
+    start = f"resumed from {used}" if used else "restarted from scratch"
+    return f"unreadable checkpoint {', '.join(skipped)}: {start}"
+
+
+def weights_only(checkpoint: tune.Checkpoint) -> bool:
+    """Rewrite a checkpoint's model file without the trainer's state (optimizer, schedulers, callbacks), as Lightning's
+    weights-only checkpoints are: --load_checkpoint and predict read it as before. False when it already was."""
+    import torch  # the driver has it loaded; actors that only check checkpoints never import it
+
+    fs, path = checkpoint.filesystem, posixpath.join(checkpoint.path, CHECKPOINT_NAME)
+    with fs.open_input_stream(path) as stream:
+        state = torch.load(io.BytesIO(stream.readall()), map_location="cpu", weights_only=True)
+    if not any(key in state for key in TRAINER_STATE):
+        return False
+    buffer = io.BytesIO()
+    torch.save({key: value for key, value in state.items() if key not in TRAINER_STATE}, buffer)
+    with fs.open_output_stream(path + ".partial") as stream:
+        stream.write(buffer.getvalue())
+    fs.move(path + ".partial", path)  # whole or not at all: a reader never sees half a file
+    return True
+
+
+def tracked(trial: Any) -> tuple[tune.Checkpoint | None, tune.Checkpoint | None]:
+    """The trial's best checkpoint by the search's metric and its newest, as Tune's checkpoint manager keeps them.
+    Tune has no public accessor for the best one of a running search's trial: this is the one place that reads it
+    (tests/test_reliability.py checks what it leads to, so a Ray release that moves it fails there)."""
+    manager = trial.run_metadata.checkpoint_manager
+    best, latest = manager.best_checkpoint_result, manager.latest_checkpoint_result
+    return (best.checkpoint if best else None), (latest.checkpoint if latest else None)
+
+
+def keep_only(best: tune.Checkpoint) -> list[str]:
+    """Delete every other checkpoint folder of best's trial and make best weights only; returns what was deleted."""
+    deleted = []
+    for other in siblings(best):
+        if other.path.rstrip("/") != best.path.rstrip("/"):
+            other.filesystem.delete_dir(other.path)
+            deleted.append(other.path)
+    weights_only(best)
+    return deleted
+
+
+class CheckpointKeeper(tune.Callback):
+    """Prunes an ended trial's checkpoints to its best one, weights only; prints a resumed trial's fallback warning."""
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get(WARNING_KEY):
+            print(f"warning: trial {trial.trial_id}: {result[WARNING_KEY]}", file=sys.stderr, flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        best, _ = tracked(trial)
+        if best is None:
+            return
+        try:
+            keep_only(best)
+        except Exception as error:  # noqa: BLE001 - pruning saves space; it never ends a search
+            print(f"warning: trial {trial.trial_id}: its checkpoints were not pruned ({error})", file=sys.stderr, flush=True)
