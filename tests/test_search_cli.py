@@ -32,6 +32,8 @@ HELP_FLAGS = (
     "--wandb-mode",
     "--smoke-test",
     "--trial-process",
+    "--search-alg",
+    "--time-budget",
 )
 GOOD_SPACE = "space:\n  fc1: {choice: [8, 16]}\n"
 
@@ -200,6 +202,17 @@ CASES = [
     ("smoke-with-config", no_setup, ["--smoke-test", "--config", "mlp_asha"], ("--smoke-test", "--config")),
     ("trial-process", no_setup, ["--trial-process", "thread"], ("--trial-process", "thread")),
     ("max-failures-negative", no_setup, ["--max-failures", "-1"], ("--max-failures",)),
+    ("search-alg-unknown", no_setup, ["--search-alg", "bayes"], ("--search-alg", "bayes")),
+    (
+        "grid-under-optuna-flag",
+        config_file("space:\n  fc1: {grid: [8, 16]}\n"),
+        ["--search-alg", "optuna"],
+        ("--search-alg optuna", "space.fc1", "grid"),
+    ),
+    ("time-budget-text", no_setup, ["--time-budget", "a while"], ("--time-budget", "a while", "10m")),
+    ("time-budget-zero", no_setup, ["--time-budget", "0s"], ("--time-budget", "more than 0")),
+    ("resume-with-search-alg", saved_search, ["--search-alg", "optuna"], ("--resume", "--search-alg")),
+    ("resume-with-time-budget", saved_search, ["--time-budget", "5m"], ("--resume", "--time-budget")),
 ]
 
 

@@ -76,7 +76,7 @@ def ray_cluster(address: str | None) -> Iterator[list[dict[str, float]]]:
         try:
             with runtime_env(ship_code=bool(address)) as environment:
                 ray.init(
-                    address=address,
+                    address=address or "local",  # "local": a new cluster, never one that happens to run here
                     include_dashboard=False,
                     logging_level=logging.WARNING,
                     log_to_driver=False,

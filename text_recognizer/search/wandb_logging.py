@@ -6,11 +6,12 @@ ends as one finished W&B run, and runs land in the search's own folder on the dr
 
 from __future__ import annotations
 
-import itertools
 import importlib.util
+import itertools
 import json
 import math
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +84,7 @@ class WandbTrialCallback(tune.Callback):
         self.logged_epoch: dict[str, int] = {}
         self.best: dict[str, float] = {}
         self.where: dict[str, dict[str, Any]] = {}
+        self.deadline: float | None = None  # when the time budget runs out: runs still open then were stopped by it
 
     def _run(self, trial: Any) -> Any:
         if trial.trial_id in self.runs:
@@ -190,8 +192,9 @@ class WandbTrialCallback(tune.Callback):
 
         An open run is a started trial, so it was interrupted, even one stopped before its first epoch (whose last
         result alone would read as pending)."""
+        status = "stopped_by_budget" if self.deadline is not None and time.time() >= self.deadline else "interrupted"
         for _, trial in list(self.runs.values()):
-            self._finish(trial, "interrupted")
+            self._finish(trial, status)
 
 
 def finish_search(spec: SearchSpec, summary: dict[str, Any], sweep_id: str | None) -> None:
