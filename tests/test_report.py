@@ -83,6 +83,14 @@ def test_the_page_ranks_the_trials_and_shows_the_winners_test_accuracy(tmp_path:
     assert "test_acc <b>0.7900</b>" in text and text.count("data:image/png;base64,") == 4
 
 
+def test_a_search_that_varied_nothing_gets_its_curves(tmp_path: Path) -> None:
+    """Every hyperparameter fixed (e.g. benchmarks/gpu.py's one-configuration searches): the curves, no error."""
+    summary = write_search(tmp_path / "r")
+    (tmp_path / "r" / "summary.json").write_text(json.dumps({**summary, "space": {}}))
+    text = write_report(tmp_path / "r").read_text()
+    assert text.count("data:image/png;base64,") == 1 and "curves.png" in text
+
+
 def test_the_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_search(tmp_path / "r")
     assert tune_mlp(["report", str(tmp_path / "r")])["report"] == str(tmp_path / "r" / "report" / "report.html")

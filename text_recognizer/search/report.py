@@ -195,6 +195,8 @@ def write_report(folder: Path, summary: dict[str, Any] | None = None, top: int =
         "metric_vs_hyperparameters.png": lambda p: plot_scatter(summary, p),
         "importance.png": lambda p: plot_importance(importance(summary), p),
     }
+    if not summary["space"]:  # every hyperparameter fixed (a benchmark's one configuration): nothing to plot them against
+        figures = {"curves.png": figures["curves.png"]}
     for name, draw in figures.items():
         draw(out / name)
     page.write_text(render(summary, {name: out / name for name in figures}, top))
