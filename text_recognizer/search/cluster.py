@@ -43,7 +43,13 @@ def worker_settings() -> dict[str, str]:
     """The environment every worker of the search gets, whatever its node's shell holds. Workers never write
     W&B (the driver logs every trial), so they need no credentials; trials get the data from Ray's object store
     and their threads from their Ray resources; a data dir chosen in the driver's environment goes along."""
-    settings = {"WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+    settings = {
+        "WANDB_MODE": "disabled",
+        "WANDB_SILENT": "true",
+        # a reused actor waits this long for its last trial's thread to wind down (Lightning's teardown, gc) before
+        # the next trial: Tune's 2 s were missed on a busy 2-core machine, and the next trial then failed for good
+        "TUNE_FUNCTION_THREAD_TIMEOUT_S": "60",
+    }
     if os.environ.get("TEXT_RECOGNIZER_DATA_DIR"):
         settings["TEXT_RECOGNIZER_DATA_DIR"] = os.environ["TEXT_RECOGNIZER_DATA_DIR"]
     return settings

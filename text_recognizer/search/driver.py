@@ -145,8 +145,10 @@ def search_alg(spec: SearchSpec) -> BasicVariantGenerator | Searcher:
     config = spec.config
     if config.search_alg == "random":
         return BasicVariantGenerator(random_state=config.seed, max_concurrent=spec.max_concurrent or 0)
-    from ray.tune.search.optuna import OptunaSearch  # imports optuna: only for searches that use it
+    import optuna  # only for searches that use it
+    from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial in the search's output
     searcher = OptunaSearch(seed=config.seed)  # TPE; metric and mode come from the TuneConfig
     return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent) if spec.max_concurrent else searcher
 
