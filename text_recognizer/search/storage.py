@@ -202,7 +202,11 @@ def check_every_node_sees(storage: str, timeout: float = 120) -> None:
         seen = [f"no answer in {timeout:g} s"] * len(others)
     finally:
         remove_probe(storage, relative)
-    blind = [(node["NodeManagerAddress"], text) for node, text in zip(others, seen, strict=True) if text != token]
+    blind = [
+        (f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})", text)
+        for node, text in zip(others, seen, strict=True)
+        if text != token
+    ]
     if blind:
         address, text = blind[0]
         why = "set its credentials on every node" if is_uri(storage) else "a folder only the driver's node has"
