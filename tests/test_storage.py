@@ -166,6 +166,8 @@ def check_stored_search(s3: S3, prefix: str, name: str, local: Path) -> dict:
     for file in ("search.json", "summary.json", "trials.csv", "report/report.html", "tuner.pkl"):
         assert file in files, file
     assert json.loads(s3.read(f"{prefix}/{name}/summary.json")) == summary
+    runs = {file.split("/")[1] for file in files if file.startswith("wandb/")}  # W&B's links (latest-run) stay out
+    assert runs and all(run.startswith("offline-run-") or run == "superseded" for run in runs), runs
     assert s3.read(f"{prefix}/{name}/trials.csv") == (local / "trials.csv").read_bytes()
     for row in summary["trials"]:  # an ended trial keeps its best checkpoint only
         assert len(checkpoint_folders(files, row["trial_id"])) == 1, row["trial_id"]

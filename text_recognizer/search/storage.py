@@ -95,16 +95,27 @@ def delete(uri: str, name: str) -> None:
         filesystem.delete_dir(f"{path}/{name}")
 
 
+def local_files(path: Path) -> list[Path]:
+    """The file `path`, or the files under the folder `path`; links left out (W&B's latest-run links a run that
+    is there already)."""
+    if path.is_symlink() or not path.exists():
+        return []
+    if path.is_file():
+        return [path]
+    walked = [Path(root) / name for root, _, names in os.walk(path) for name in names]  # never enters a linked folder
+    return [file for file in walked if not file.is_symlink()]
+
+
 def upload_driver_files(folder: Path, uri: str) -> None:
     """Copy the driver's own files of the search folder to the search under `uri`; a folder replaces the stored
     one (a W&B run set aside locally is no longer where it was)."""
     filesystem, path = open_uri(uri)
     for name in DRIVER_FILES:
-        local, remote = folder / name, f"{path}/{folder.name}/{name}"
-        if local.is_dir():
-            filesystem.delete_dir_contents(remote, missing_dir_ok=True)
-        if local.exists():
-            pafs.copy_files(str(local), remote, source_filesystem=LOCAL, destination_filesystem=filesystem)
+        if (folder / name).is_dir():
+            filesystem.delete_dir_contents(f"{path}/{folder.name}/{name}", missing_dir_ok=True)
+        for file in local_files(folder / name):
+            remote = f"{path}/{folder.name}/{file.relative_to(folder).as_posix()}"
+            pafs.copy_files(str(file), remote, source_filesystem=LOCAL, destination_filesystem=filesystem)
 
 
 def is_driver_file(relative: str) -> bool:
