@@ -113,6 +113,40 @@ def test_trials_run_on_both_nodes_with_the_shipped_package(cluster, tmp_path: Pa
     wait_for(lambda: not any(alive(pid) for pid in pids), timeout=60)
 
 
+@pytest.mark.slow
+def test_workers_get_the_package_and_settings_from_the_job(cluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """On each node, a task of a job that joined with ray_cluster sees the shipped package and the driver's settings,
+    which the nodes' own environment (set when they started) doesn't have."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from text_recognizer.search.cluster import ray_cluster
+
+    cluster, worker = cluster
+    monkeypatch.setenv("TEXT_RECOGNIZER_DATA_DIR", str(tmp_path))  # set after the nodes started: only the job has it
+
+    def where() -> tuple[str, str, str | None, str | None]:
+        import text_recognizer
+
+        env = os.environ
+        return (
+            ray.get_runtime_context().get_node_id(),
+            text_recognizer.__file__,
+            env["WANDB_MODE"],
+            env.get("TEXT_RECOGNIZER_DATA_DIR"),
+        )
+
+    with ray_cluster(cluster.address):
+        task = ray.remote(num_cpus=1)(where)
+        on = [NodeAffinitySchedulingStrategy(node.node_id, soft=False) for node in (cluster.head_node, worker)]
+        seen = ray.get([task.options(scheduling_strategy=strategy).remote() for strategy in on])
+    assert [node for node, *_ in seen] == [cluster.head_node.node_id, worker.node_id]
+    for _, module, wandb_mode, data_dir in seen:
+        assert "runtime_resources" in module and not module.startswith(str(ROOT))
+        assert wandb_mode == "disabled" and os.environ["WANDB_MODE"] == "offline"  # workers never write W&B
+        assert data_dir == str(tmp_path)
+
+
 def trial_on(search_dir: Path, node_id: str) -> tuple[str, list[dict]] | None:
     """A trial that is training on `node_id` and has checkpointed 2 to 4 of its 5 epochs."""
     for trial_id, rows in results(search_dir).items():
