@@ -1,14 +1,20 @@
-"""Reliability: a killed driver resumes, Ctrl-C stops cleanly, a killed worker retries, divergence is a result."""
+"""Reliability: a killed driver resumes, Ctrl-C and SIGTERM stop cleanly, an unreadable checkpoint is passed over, ended
+trials keep one small checkpoint, a killed worker retries, divergence is a result."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TRIAL_PROCESSES, finish, results, summary_of, wait_for
 
+from text_recognizer.facts import CHECKPOINT_NAME
+from text_recognizer.predict import load_model
 from text_recognizer.search.wandb_files import offline_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("mode", TRIAL_PROCESSES)]  # each test in both trial modes
@@ -73,18 +79,58 @@ def test_driver_killed_then_resumed(tmp_path: Path, launch_search, mode: str) ->
     assert len(list((search_dir / "wandb" / "superseded").iterdir())) >= len(halfway)
 
 
-def test_ctrl_c_saves_state_finishes_runs_and_prints_resume(tmp_path: Path, launch_search, mode: str) -> None:
+def wait_while_running(search: subprocess.Popen[str], condition: Callable[[], bool], timeout: float = 400) -> None:
+    """wait_for the condition while the search runs; a search that ended or hung shows its stderr in the failure."""
+    try:
+        wait_for(lambda: condition() or search.poll() is not None, timeout=timeout)
+    except AssertionError:
+        search.kill()
+        raise AssertionError(f"timed out; the search's stderr ends:\n{search.communicate()[1][-3000:]}") from None
+    assert search.poll() is None, f"the search ended ({search.returncode}):\n{search.communicate()[1][-3000:]}"
+
+
+def checkpoint_folders(search_dir: Path, trial_id: str) -> list[Path]:
+    return sorted((search_dir / f"trial_{trial_id}").glob("checkpoint_*"))
+
+
+def check_kept_checkpoints(search_dir: Path, summary: dict) -> None:
+    """An ended trial keeps exactly one checkpoint, its best, weights only, which loads as predict loads it; an
+    interrupted one keeps whole ones (trainer and optimizer state) that --resume starts from."""
+    interrupted = 0
+    for row in summary["trials"]:
+        folders = checkpoint_folders(search_dir, row["trial_id"])
+        if row["status"] in ("completed", "stopped_early"):
+            assert len(folders) == 1, (row["trial_id"], folders)
+            state = torch.load(folders[0] / CHECKPOINT_NAME, weights_only=True)
+            assert not {"optimizer_states", "lr_schedulers", "callbacks"} & set(state), sorted(state)
+            model, _ = load_model(folders[0] / CHECKPOINT_NAME)
+            assert sum(p.numel() for p in model.parameters()) > 0
+        elif row["status"] == "interrupted" and folders:
+            for folder in folders:  # its best, its newest, and one whose result Tune never got: all untouched
+                state = torch.load(folder / CHECKPOINT_NAME, weights_only=True)
+                assert state["optimizer_states"] and state["loops"], folder
+            interrupted += 1
+    assert interrupted or not summary["interrupted"]
+    best = summary["best"]
+    if best:  # the summary points at what is kept: the winner's one checkpoint
+        assert Path(best["checkpoint"]).parent in checkpoint_folders(search_dir, best["trial_id"])
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])  # Ctrl-C, and what Kubernetes and Slurm stop a job with
+def test_stop_signal_saves_state_finishes_runs_and_prints_resume(tmp_path: Path, launch_search, mode: str, stop: str) -> None:
     search = launch_search(
         tmp_path, "interrupted", CONFIG, "--num-samples", "4", "--max-concurrent", "2", "--trial-process", mode
     )
     search_dir = tmp_path / "interrupted"
-    wait_for(lambda: sum(len(rows) >= 2 for rows in results(search_dir).values()) >= 2)
-    search.send_signal(signal.SIGINT)
-    stdout = finish(search, timeout=120, returncode=130)
+    wait_while_running(search, lambda: sum(len(rows) >= 2 for rows in results(search_dir).values()) >= 2)
+    search.send_signal(getattr(signal, stop))
+    stdout = finish(search, timeout=120, returncode=128 + getattr(signal, stop))  # 130, 143: as a shell reports them
     command = f"python search/tune_mlp.py --resume --name interrupted --storage-path {tmp_path}"
     assert command in stdout
     summary = summary_of(search_dir)
     assert summary["interrupted"] and summary["resume_command"] == command
+    assert summary["preempted"] == (stop == "SIGTERM")
+    check_kept_checkpoints(search_dir, summary)
     # every open run was finished as interrupted; a trial that had finished before Ctrl-C keeps its own end
     runs = offline_runs(search_dir)
     statuses = [(run.summary["status"], run.summary["epochs_trained"]) for run in runs]
@@ -95,7 +141,41 @@ def test_ctrl_c_saves_state_finishes_runs_and_prints_resume(tmp_path: Path, laun
     assert sorted(trials.values()).count("interrupted") == sum(status == "interrupted" for status, _ in statuses)
 
     resume(launch_search, tmp_path, "interrupted")
-    check_finished_search(search_dir, trials=4, epochs=5)
+    summary = check_finished_search(search_dir, trials=4, epochs=5)
+    check_kept_checkpoints(search_dir, summary)
+    assert summary["best"]["test_acc"] > 0.5  # the winner's weights-only checkpoint, tested through --load_checkpoint
+
+
+def test_unreadable_newest_checkpoint_falls_back_with_one_warning(tmp_path: Path, launch_search, mode: str) -> None:
+    search = launch_search(tmp_path, "unreadable", CONFIG, "--num-samples", "4", "--max-concurrent", "2", "--trial-process", mode)
+    search_dir = tmp_path / "unreadable"
+    wait_while_running(search, lambda: sum(len(rows) >= 2 for rows in results(search_dir).values()) >= 2)
+    search.send_signal(signal.SIGINT)
+    finish(search, timeout=120, returncode=130)
+    summary = summary_of(search_dir)
+    trial_id = next(
+        r["trial_id"] for r in summary["trials"] if r["status"] == "interrupted" and checkpoint_folders(search_dir, r["trial_id"])
+    )
+    before = results(search_dir)[trial_id]
+    # the checkpoint Tune restores it from: its last delivered epoch's (a newer folder whose result never came is not)
+    newest = search_dir / f"trial_{trial_id}" / before[-1]["checkpoint_dir_name"]
+    older = [folder for folder in checkpoint_folders(search_dir, trial_id) if folder.name < newest.name]
+    model = newest / CHECKPOINT_NAME
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # a copy cut short (a full disk, a kill)
+
+    resumed = launch_search(tmp_path, "unreadable", None, "--resume")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    warnings = [line for line in stderr.splitlines() if "checkpoint" in line.lower() and "warning" in line.lower()]
+    start = f"resumed from {older[-1].name}" if older else "restarted from scratch"
+    problem = f"{newest.name}/{CHECKPOINT_NAME} (BadZipFile: File is not a zip file)"
+    assert warnings == [f"warning: trial {trial_id}: unreadable checkpoint {problem}: {start}"]
+    summary = check_finished_search(search_dir, trials=4, epochs=5)  # W&B: epochs 1-5 once each, completed
+    check_kept_checkpoints(search_dir, summary)
+    # it went on from the epoch after the checkpoint it fell back to (from 1 without one), as Tune counts epochs too
+    epoch_of = {row["checkpoint_dir_name"]: row["training_iteration"] for row in before if row.get("checkpoint_dir_name")}
+    first_after = results(search_dir)[trial_id][len(before)]
+    assert first_after["training_iteration"] == first_after["epoch"] == (epoch_of[older[-1].name] + 1 if older else 1)
 
 
 def test_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path, launch_search, mode: str) -> None:
