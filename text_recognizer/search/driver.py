@@ -33,9 +33,11 @@ from text_recognizer.search.sweep import create_sweep, sweep_config
 from text_recognizer.search.wandb_logging import WandbTrialCallback, check_installed, finish_search, kept_out
 from text_recognizer.training import DATA_CLASS
 
-# while a trial runs: its best by the metric and (Tune always keeps it) its newest, for resuming; once it has
-# ended, CheckpointKeeper leaves only the best, weights only
-CHECKPOINTS_KEPT = 1
+# while a trial runs: its two best by the metric and (Tune always keeps it) its newest, for resuming. Not one: Tune
+# deletes a checkpoint as soon as a better one comes, and a state file synced a little earlier (a URI storage,
+# asynchronously) can still name it as the one to resume from. Once a trial has ended, CheckpointKeeper leaves
+# only the best, weights only.
+CHECKPOINTS_KEPT = 2
 
 
 def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
