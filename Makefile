@@ -2,7 +2,7 @@
 PYTHON ?= python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install search smoke test test-slow lint bench bench-full device-carry
+.PHONY: install search smoke test test-slow lint bench bench-full bench-quality device-carry
 
 install:  ## the package with its dev tools, and Debian's Fashion-MNIST (real data without a network)
 	@if command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
@@ -31,6 +31,9 @@ bench: install  ## quick benchmark (minutes): prints figures and ratios, writes 
 
 bench-full: install  ## the full benchmark: 50-sample searches, ours and the textbook recipe
 	$(PYTHON) benchmarks/run.py --full
+
+bench-quality: install  ## random vs optuna on fashion_mlp_asha: 3 seeds each, 5 minutes a search (about 35 minutes)
+	$(PYTHON) benchmarks/quality.py --time-budget 300s
 
 device-carry:  ## the GPU check's carry folder .device/: slim Ray for the GPU image's Python 3.12, wheels, data (README)
 	$(PYTHON) benchmarks/device/build_carry.py

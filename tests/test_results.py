@@ -111,3 +111,16 @@ def test_an_interrupted_search_gets_a_resume_command_and_no_sync_command(tmp_pat
     summary = summarize(spec, rows, None, 1.0)
     assert summary["interrupted"] and "sync_command" not in summary["wandb"]
     assert summary["resume_command"] == f"python search/tune_mlp.py --resume --name s --storage-path {tmp_path / 'store'}"
+
+
+def test_a_trial_never_takes_another_trials_metrics(tmp_path: Path) -> None:
+    """A trial that errored before its first result can come back from Tune carrying another trial's last result
+    (seen with a reused actor): its row keeps its own id, has no epochs, and it is not counted as that trial."""
+    folder = tmp_path / "trial_b0002"
+    folder.mkdir()
+    (folder / "error.txt").write_text("Failure # 1 (occurred at 2026-11-30)\nboom\n")
+    other = {"trial_id": "a0001", "training_iteration": 5, "val_acc": 0.9, "done": True, "config": {"fc1": 8}}
+    errored = Result(metrics=other, checkpoint=None, error=RuntimeError("boom"), path=str(folder), metrics_dataframe=None)
+    rows, best = collect([errored], spec_for(tmp_path), {})
+    assert [(row["trial_id"], row["status"], row["epochs"], row["val_acc"]) for row in rows] == [("b0002", "error", 0, None)]
+    assert best is None

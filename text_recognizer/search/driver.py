@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -248,7 +249,7 @@ def fit(
 
 @contextmanager
 def tune_environment(output: str) -> Iterator[None]:
-    """Tune settings that only exist as environment variables, for the duration of one search."""
+    """Tune settings that only exist as environment variables (and one logger's level), for the duration of one search."""
     values = {
         # Tune's newer console output prints a settings box even at verbose=0: only --verbose wants Tune's output
         "RAY_AIR_NEW_OUTPUT": "1" if output == "tune" else "0",
@@ -258,9 +259,15 @@ def tune_environment(output: str) -> Iterator[None]:
     }
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
+    # a trial that never started (the time budget ended the search first) has no results: Tune warns of each one,
+    # a line a trial, when it builds the ResultGrid; summary.json counts them as not_started
+    analysis = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis.level
+    analysis.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        analysis.setLevel(level)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -11,7 +11,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 import pandas as pd
@@ -69,13 +69,21 @@ def _failures(trial_dir: Path) -> int:
     return sum(line.startswith("Failure # ") for line in errors.read_text().splitlines()) if errors.is_file() else 0
 
 
+def own_metrics(result: Result) -> tuple[str, dict[str, Any]]:
+    """A trial's id (from its folder, trial_<id>) and its last result; an empty one when what Tune hands back is
+    another trial's (seen for a trial that errored before its first result in a reused actor)."""
+    trial_id = PurePosixPath(result.path).name.removeprefix("trial_")
+    last = result.metrics or {}
+    return trial_id, (last if last.get("trial_id", trial_id) == trial_id else {})
+
+
 def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float], budget_ended: bool = False) -> dict[str, Any]:
     """One trial: its outcome, epochs, config, final metrics, best metric, start-up, device and failures."""
-    config, last = spec.config, result.metrics or {}
-    frame = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+    config, (trial_id, last) = spec.config, own_metrics(result)
+    frame = result.metrics_dataframe if result.metrics_dataframe is not None and last else pd.DataFrame()
     history = [value for value in frame.get(config.metric, []) if finite(value) is not None]
     better = max if config.mode == "max" else min
-    trial_id, trial_config, epochs = last["trial_id"], dict(result.config or {}), int(last.get("training_iteration", 0))
+    trial_config, epochs = dict(result.config or {}), int(last.get("training_iteration", 0))
     row = {
         "trial_id": trial_id,
         "status": trial_status(last, config.max_t, error=result.error is not None, budget_ended=budget_ended),
@@ -128,7 +136,7 @@ def collect(
     `budget_ended`: the time budget stopped the trials that have not ended."""
     rows, best = [], None
     sign = 1 if spec.config.mode == "max" else -1
-    for result in sorted(results, key=lambda r: r.metrics["trial_id"]):
+    for result in sorted(results, key=lambda r: own_metrics(r)[0]):
         row = trial_row(result, spec, trial_starts, budget_ended)
         rows.append(row)
         candidate = best_checkpoint(result, row, spec)
