@@ -95,11 +95,16 @@ def checkpoint_folders(search_dir: Path, trial_id: str) -> list[Path]:
 
 def check_kept_checkpoints(search_dir: Path, summary: dict) -> None:
     """An ended trial keeps exactly one checkpoint, its best, weights only, which loads as predict loads it; an
-    interrupted one keeps whole ones (trainer and optimizer state) that --resume starts from."""
-    interrupted = 0
+    interrupted one keeps whole ones (trainer and optimizer state) that --resume starts from. A finished search
+    keeps the checkpoints of its best 3 trials (--keep-checkpoints) and the winner's, and no other."""
+    interrupted, kept = 0, summary.get("checkpoints_kept")
+    ended = [row for row in summary["trials"] if row["status"] in ("completed", "stopped_early")]
+    assert kept is None if summary["interrupted"] else len(kept) == min(3, len(ended)) and summary["best"]["trial_id"] in kept
     for row in summary["trials"]:
         folders = checkpoint_folders(search_dir, row["trial_id"])
-        if row["status"] in ("completed", "stopped_early"):
+        if row["status"] in ("completed", "stopped_early") and kept is not None and row["trial_id"] not in kept:
+            assert folders == [], (row["trial_id"], folders)
+        elif row["status"] in ("completed", "stopped_early"):
             assert len(folders) == 1, (row["trial_id"], folders)
             state = torch.load(folders[0] / CHECKPOINT_NAME, weights_only=True)
             assert not {"optimizer_states", "lr_schedulers", "callbacks"} & set(state), sorted(state)

@@ -124,3 +124,37 @@ def test_a_trial_never_takes_another_trials_metrics(tmp_path: Path) -> None:
     rows, best = collect([errored], spec_for(tmp_path), {})
     assert [(row["trial_id"], row["status"], row["epochs"], row["val_acc"]) for row in rows] == [("b0002", "error", 0, None)]
     assert best is None
+
+
+@pytest.mark.parametrize(("keep", "kept"), [(1, ["t1"]), (2, ["t1", "t3"]), (9, ["t1", "t3", "t2"])])
+def test_a_finished_search_keeps_the_checkpoints_of_its_best_trials(tmp_path: Path, keep: int, kept: list[str]) -> None:
+    """Ended trials outside the best `keep` and diverged ones lose their checkpoint folders; errored ones keep theirs
+    (a --resume retries them); the winner is always kept."""
+    from text_recognizer.search.checkpoints import keep_best_trials
+
+    spec = spec_for(tmp_path)
+    accuracy = {"t1": 0.9, "t2": 0.5, "t3": 0.7, "t4": 0.8}
+    results = [
+        trial_result(tmp_path, t, [{"training_iteration": 5, "val_acc": a}], {5: {"val_acc": a}}) for t, a in accuracy.items()
+    ]
+    results.append(
+        trial_result(tmp_path, "t5", [{"training_iteration": 2, "val_acc": 0.1, "diverged": True}], {1: {"val_acc": 0.1}})
+    )
+    rows, best = collect(results, spec, {})
+    rows[3]["status"] = "error"  # t4: failed for good after its epochs
+    assert keep_best_trials(results, rows, best["trial_id"], "val_acc", "max", keep) == kept
+    left = sorted(p.parent.name.removeprefix("trial_") for p in (tmp_path / "s").glob("trial_*/checkpoint_*"))
+    assert left == sorted([*kept, "t4"])
+
+
+def test_an_interrupted_search_deletes_no_checkpoint(tmp_path: Path) -> None:
+    from text_recognizer.search.checkpoints import keep_best_trials
+
+    results = [
+        trial_result(tmp_path, t, [{"training_iteration": 2, "val_acc": a}], {2: {"val_acc": a}})
+        for t, a in [("a", 0.5), ("b", 0.6)]
+    ]
+    rows, _ = collect(results, spec_for(tmp_path), {})
+    rows[0]["status"] = "interrupted"
+    assert keep_best_trials(results, rows, "b", "val_acc", "max", 1) is None
+    assert len(list((tmp_path / "s").glob("trial_*/checkpoint_*"))) == 2

@@ -81,13 +81,18 @@ def test_time_budget_ends_the_search_as_finished(tmp_path: Path, launch_search) 
     the winner's test accuracy, the W&B summary run, runs ended as stopped_by_budget, and the report says so."""
     config = CONFIG.replace("search_alg: optuna", "search_alg: random")
     config = config.replace("max_t: 4, grace_period: 4", "max_t: 30, grace_period: 30")  # trials outlast the budget
-    stdout = finish(launch_search(tmp_path, "budget", config, "--num-samples", "20", "--time-budget", "45s"))
+    flags = ("--num-samples", "20", "--time-budget", "45s", "--keep-checkpoints", "1")
+    stdout = finish(launch_search(tmp_path, "budget", config, *flags))
     summary = summary_of(tmp_path / "budget")
     assert summary["budget_ended"] and not summary["interrupted"] and "resume_command" not in summary
     assert 45 <= summary["wall_seconds"] < 45 + 60, summary["wall_seconds"]
     assert summary["statuses"].get("stopped_by_budget", 0) >= 1, summary["statuses"]
     assert summary["num_trials"] < 20 or summary["statuses"].get("not_started", 0) >= 1
     assert summary["best"]["test_acc"] > 0.1
+    # only the winner keeps a checkpoint: the trials stopped by the budget ended too
+    assert summary["checkpoints_kept"] == [summary["best"]["trial_id"]]
+    with_checkpoints = {p.parent.name for p in (tmp_path / "budget").glob("trial_*/checkpoint_*")}
+    assert with_checkpoints == {f"trial_{summary['best']['trial_id']}"}
     assert "time budget (45 s) ended the search" in stdout
     runs = offline_runs(tmp_path / "budget")
     stopped = [run for run in runs if run.job_type == "trial" and run.summary.get("status") == "stopped_by_budget"]

@@ -34,6 +34,7 @@ HELP_FLAGS = (
     "--trial-process",
     "--search-alg",
     "--time-budget",
+    "--keep-checkpoints",
 )
 GOOD_SPACE = "space:\n  fc1: {choice: [8, 16]}\n"
 
@@ -202,6 +203,7 @@ CASES = [
     ("smoke-with-config", no_setup, ["--smoke-test", "--config", "mlp_asha"], ("--smoke-test", "--config")),
     ("trial-process", no_setup, ["--trial-process", "thread"], ("--trial-process", "thread")),
     ("max-failures-negative", no_setup, ["--max-failures", "-1"], ("--max-failures",)),
+    ("keep-checkpoints-0", no_setup, ["--keep-checkpoints", "0"], ("--keep-checkpoints", "winner")),
     ("search-alg-unknown", no_setup, ["--search-alg", "bayes"], ("--search-alg", "bayes")),
     (
         "grid-under-optuna-flag",

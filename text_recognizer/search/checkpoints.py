@@ -16,6 +16,7 @@ fork-mode actor, which checks checkpoints here, never loads it.
 from __future__ import annotations
 
 import io
+import math
 import os
 import posixpath
 import re
@@ -143,3 +144,33 @@ class CheckpointKeeper(tune.Callback):
             keep_only(best)
         except Exception as error:  # noqa: BLE001 - pruning saves space; it never ends a search
             print(f"warning: trial {trial.trial_id}: its checkpoints were not pruned ({error})", file=sys.stderr, flush=True)
+
+
+ENDED = ("completed", "stopped_early", "stopped_by_budget")  # ended trials ranked by their best metric
+
+
+def keep_best_trials(
+    results: list[Any], rows: list[dict[str, Any]], winner: str | None, metric: str, mode: str, keep: int
+) -> list[str] | None:
+    """At the end of a finished search: delete every checkpoint of the ended trials but the winner's and the best
+    `keep` by their best metric, and of the diverged ones; returns the ids of the trials whose checkpoint is kept.
+    Errored trials keep theirs (--resume retries them); an interrupted search deletes nothing (its ranking is not
+    final) and returns None."""
+    if any(row["status"] in ("interrupted", "pending") for row in rows):
+        return None
+    key, sign = f"best_{metric}", (-1 if mode == "max" else 1)
+    ranked = sorted((r for r in rows if r["status"] in ENDED and r.get(key) is not None), key=lambda r: sign * r[key])
+    kept = list(dict.fromkeys([*([winner] if winner else []), *(row["trial_id"] for row in ranked)]))[:keep]
+    drop = {row["trial_id"] for row in rows if row["status"] in (*ENDED, "diverged")} - set(kept)
+    better = max if mode == "max" else min
+    # trials the time budget stopped never ended in Tune's sense: CheckpointKeeper did not prune them
+    unpruned = {row["trial_id"] for row in rows if row["status"] == "stopped_by_budget"} & set(kept)
+    for result in results:
+        trial_id = posixpath.basename(result.path.rstrip("/")).removeprefix("trial_")  # its folder is trial_<id>
+        known = [c for c in (result.checkpoint, *(c for c, _ in result.best_checkpoints or [])) if c is not None]
+        if trial_id in drop and known:
+            for folder in siblings(known[0]):
+                folder.filesystem.delete_dir(folder.path)
+        elif trial_id in unpruned and result.best_checkpoints:
+            keep_only(better(result.best_checkpoints, key=lambda pair: pair[1].get(metric, sign * math.inf))[0])
+    return kept

@@ -23,7 +23,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from text_recognizer.data import DATA_CLASSES
 from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE
 from text_recognizer.search import storage, tune_actor
-from text_recognizer.search.checkpoints import CheckpointKeeper
+from text_recognizer.search.checkpoints import CheckpointKeeper, keep_best_trials
 from text_recognizer.search.cluster import ray_cluster
 from text_recognizer.search.preemption import Preemption
 from text_recognizer.search.progress import Progress
@@ -54,7 +54,10 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         grid, clock, wall_seconds, sweep_id = fit(spec, data, [preemption])  # 3. build the Tuner and fit it
         rows, best = collect(grid, spec, clock.ready, budget_spent(spec, wall_seconds))  # 4. the trials, from the ResultGrid
         best = local_winner(spec, test_winner(spec, best, data, rows))
+        winner = best["trial_id"] if best else None
+        kept = keep_best_trials(list(grid), rows, winner, spec.config.metric, spec.config.mode, spec.keep_checkpoints)
         summary = summarize(spec, rows, best, wall_seconds, sweep_id)
+        summary["checkpoints_kept"] = kept  # a finished search keeps its best trials' only (--keep-checkpoints); None: all
         summary["preempted"] = preemption.received  # SIGTERM came: an interrupted search exits 143, not 130
     write_results(summary, spec.folder)  # 5. summary.json, trials.csv and
     write_report(spec.folder, summary)  #    report/report.html

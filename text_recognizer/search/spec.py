@@ -36,6 +36,9 @@ from text_recognizer.util import Parser, UserError
 
 STORAGE_PATH = Path("logs") / "search"
 TRIALS_PER_GPU = 4  # small models leave most of a GPU idle: pack four trials onto each one
+# a finished search keeps the checkpoints of its best trials only (replay needs flags, the report metrics); each is
+# weights only, ~1-11 MB for the default space: 3 of a 50-sample search come to < 1 MB per trial
+KEEP_CHECKPOINTS = 3
 MAX_FAILURES = 2  # retries of a trial whose worker died, each from its newest checkpoint
 TRIAL_PROCESSES = ("actor", "fork")  # where a trial trains: its Tune actor (Ray's way), or a fork server's child
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -59,6 +62,7 @@ class SearchSpec:
     resume: bool = False
     overwrite: bool = False
     max_failures: int = MAX_FAILURES
+    keep_checkpoints: int = KEEP_CHECKPOINTS
     max_concurrent: int | None = None
     top: int = 5
     output: str = "progress"  # progress (a line per finished trial, a status line), tune (Tune's own), quiet
@@ -143,6 +147,12 @@ def build_search_parser() -> Parser:
     add("--trial-process", choices=TRIAL_PROCESSES, default=None, help="where trials train: their Tune actor (default) or fork")
     add("--max-concurrent", type=int, default=None, help="most trials running at once (default: as many as resources allow)")
     add("--max-failures", type=int, default=MAX_FAILURES, help=f"retries of a failed trial from its checkpoint ({MAX_FAILURES})")
+    add(
+        "--keep-checkpoints",
+        type=int,
+        default=KEEP_CHECKPOINTS,
+        help=f"trials whose best checkpoint a finished search keeps: the best N ({KEEP_CHECKPOINTS})",
+    )
     add("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
     add("--resume", action="store_true", help="continue the search --name after a crash or Ctrl-C")
     add("--overwrite", action="store_true", help="delete an existing search of the same --name and start over")
@@ -183,6 +193,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UserError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise UserError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if args.keep_checkpoints < 1:
+        raise UserError(f"--keep-checkpoints must be >= 1 (the winner's), got {args.keep_checkpoints}")
     if args.max_failures < 0:
         raise UserError(f"--max-failures must be >= 0, got {args.max_failures}")
     if args.smoke_test and args.config:
@@ -338,6 +350,7 @@ def _spec(
         resume=args.resume,
         overwrite=args.overwrite,
         max_failures=args.max_failures,
+        keep_checkpoints=args.keep_checkpoints,
         max_concurrent=args.max_concurrent,
         top=args.top,
         output="quiet" if args.quiet else "tune" if args.verbose else "progress",
