@@ -158,8 +158,9 @@ def launch(cwd: Path, uri: str, name: str, *flags: str) -> subprocess.Popen[str]
 
 
 def check_stored_search(s3: S3, prefix: str, name: str, local: Path) -> dict:
-    """The finished search: its summary, trials and report in the local folder and the same in the bucket; every
-    trial with its one best checkpoint in the bucket; the winner's checkpoint downloaded and loadable."""
+    """The finished search: its summary, trials and report in the local folder and the same in the bucket; each of
+    the best 3 trials with its one best checkpoint in the bucket, the others with none; the winner's checkpoint
+    downloaded and loadable."""
     summary = json.loads((local / "summary.json").read_text())
     assert summary["num_trials"] == 4 and summary["statuses"] == {"completed": 4} and summary["total_epochs"] == 20
     files = s3.files(f"{prefix}/{name}")
@@ -169,8 +170,10 @@ def check_stored_search(s3: S3, prefix: str, name: str, local: Path) -> dict:
     runs = {file.split("/")[1] for file in files if file.startswith("wandb/")}  # W&B's links (latest-run) stay out
     assert runs and all(run.startswith("offline-run-") or run == "superseded" for run in runs), runs
     assert s3.read(f"{prefix}/{name}/trials.csv") == (local / "trials.csv").read_bytes()
-    for row in summary["trials"]:  # an ended trial keeps its best checkpoint only
-        assert len(checkpoint_folders(files, row["trial_id"])) == 1, row["trial_id"]
+    kept = summary["checkpoints_kept"]  # the best 3 trials (--keep-checkpoints), deleted from the bucket for the 4th
+    assert len(kept) == 3 and summary["best"]["trial_id"] in kept
+    for row in summary["trials"]:  # a kept trial keeps its best checkpoint only
+        assert len(checkpoint_folders(files, row["trial_id"])) == (row["trial_id"] in kept), row["trial_id"]
     best = summary["best"]
     assert best["checkpoint"].startswith(str(local)) and Path(best["checkpoint"]).is_file()
     stored = best["checkpoint_uri"]
