@@ -10,7 +10,7 @@ install:  ## the package with its dev tools, and Debian's Fashion-MNIST (real da
 		|| echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST runs and the tests need it"; fi
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
-search: install  ## the main job: a 50-trial ASHA search of the MLP on Fashion-MNIST
+search: install  ## the main job: the MLP on Fashion-MNIST, 50 samples, Optuna + ASHA, 5 minutes at most
 	$(PYTHON) search/tune_mlp.py --config experiments/fashion_mlp_asha.yaml --num-samples 50
 
 smoke: install
