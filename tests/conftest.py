@@ -20,6 +20,16 @@ from text_recognizer.data.mnist import FashionMNIST  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "search" / "tune_mlp.py"
+# a search config of small trials of exactly 5 epochs (ASHA stops none): the reliability and storage tests' search
+FIVE_EPOCHS = """
+metric: val_acc
+mode: max
+scheduler: {max_t: 5, grace_period: 5, reduction_factor: 2}
+fixed: {data_class: FashionMNIST, limit_train_batches: 60}
+space:
+  fc1: {choice: [16, 64]}
+  lr: {loguniform: [1.0e-3, 1.0e-2]}
+"""
 TRIAL_PROCESSES = ["actor", "fork"]  # every end-to-end and reliability test runs in both
 
 

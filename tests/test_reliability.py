@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRIAL_PROCESSES, finish, results, summary_of, wait_for
+from conftest import FIVE_EPOCHS, TRIAL_PROCESSES, finish, results, summary_of, wait_for
 
 from text_recognizer.facts import CHECKPOINT_NAME
 from text_recognizer.predict import load_model
@@ -19,15 +19,7 @@ from text_recognizer.search.wandb_files import offline_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("mode", TRIAL_PROCESSES)]  # each test in both trial modes
 
-CONFIG = """
-metric: val_acc
-mode: max
-scheduler: {max_t: 5, grace_period: 5, reduction_factor: 2}
-fixed: {data_class: FashionMNIST, limit_train_batches: 60}
-space:
-  fc1: {choice: [16, 64]}
-  lr: {loguniform: [1.0e-3, 1.0e-2]}
-"""
+CONFIG = FIVE_EPOCHS  # 4 trials of 5 epochs in the tests
 
 
 def resume(launch_search, tmp: Path, name: str) -> str:

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 import torch
-from conftest import ROOT, SCRIPT, finish, wait_for
+from conftest import FIVE_EPOCHS, ROOT, SCRIPT, finish, wait_for
 from moto import settings as moto_settings
 from moto.server import ThreadedMotoServer
 from test_reliability import check_finished_search
@@ -36,15 +36,7 @@ from text_recognizer.util import UserError
 
 BUCKET = "searches"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-CONFIG = """
-metric: val_acc
-mode: max
-scheduler: {max_t: 5, grace_period: 5, reduction_factor: 2}
-fixed: {data_class: FashionMNIST, limit_train_batches: 60}
-space:
-  fc1: {choice: [16, 64]}
-  lr: {loguniform: [1.0e-3, 1.0e-2]}
-"""
+CONFIG = FIVE_EPOCHS  # 4 trials of 5 epochs in the tests
 
 
 class S3:

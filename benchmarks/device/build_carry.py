@@ -41,6 +41,9 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+from text_recognizer.facts import FASHION_MNIST_MD5  # noqa: E402  (the standard library only: no torch needed)
+
 LIMIT = 64 * 2**20  # what one device call carries: the repo's files and the carried folders together
 RAY_VERSION = "2.60.0"  # pyproject pins ray>=2.60,<2.61
 RAY_EXTRAS = ("tune",)
@@ -50,13 +53,6 @@ STRIP_SUFFIXES = (".map",)  # the dashboard's JavaScript source maps
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "text-recognizer-device"
 FASHION_GZ = Path("/usr/share/datasets/fashion-mnist")
-# md5 of the decompressed files (text_recognizer.data.mnist.FashionMNIST.raw_md5; repeated so this needs no torch)
-FASHION_MD5 = {
-    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-}
 
 
 def normalize(name: str) -> str:
@@ -138,7 +134,7 @@ def slim_ray(wheel: Path, out: Path) -> tuple[int, int]:
 
 def copy_data(source: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for name, expected in FASHION_MD5.items():
+    for name, expected in FASHION_MNIST_MD5.items():
         gz = source / f"{name}.gz"
         if not gz.is_file():
             raise SystemExit(f"build_carry.py: error: {gz} is missing (apt-get install dataset-fashion-mnist)")

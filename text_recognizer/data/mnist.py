@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 from text_recognizer.data.base_data_module import Arrays, BaseDataModule
+from text_recognizer.facts import FASHION_MNIST_MD5
 from text_recognizer.util import UserError
 
 TRAIN_FRACTION = 55 / 60  # 55,000 of the official 60,000 training images; the rest is the validation set
@@ -145,13 +146,7 @@ class FashionMNIST(MNIST):
     mean, std = 0.2860, 0.3530
     mapping = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     debian_dir = Path("/usr/share/datasets/fashion-mnist")
-    # Debian recompressed the .gz files, so torchvision's md5 of the .gz cannot apply: check the decompressed bytes
-    raw_md5 = {
-        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-    }
+    raw_md5 = FASHION_MNIST_MD5  # Debian recompressed the .gz files: check the decompressed bytes
 
     @classmethod
     def place_local_copy(cls, raw: Path) -> bool:
