@@ -222,10 +222,12 @@ def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdou
         f"{summary['total_epochs']} epochs, {summary['wall_seconds']:.0f} s  ->  {summary['search_dir']}",
         file=file,
     )
-    print(f"{'rank':>4}  {'trial':<14}{key:>14}{'epochs':>8}  {'status':<14}" + "".join(f"{k:>12}" for k in searched), file=file)
+    widths = {k: max(12, len(k) + 2) for k in searched}  # a column a searched flag, never run into the next
+    header = "".join(f"{k:>{widths[k]}}" for k in searched)
+    print(f"{'rank':>4}  {'trial':<14}{key:>14}{'epochs':>8}  {'status':<18}" + header, file=file)
     for rank, row in enumerate(ranked(summary)[:top], 1):
-        values = "".join(f"{short(row['config'].get(k)):>12}" for k in searched)
-        print(f"{rank:>4}  {row['trial_id']:<14}{row[key]:>14.4f}{row['epochs']:>8}  {row['status']:<14}{values}", file=file)
+        values = "".join(f"{short(row['config'].get(k)):>{widths[k]}}" for k in searched)
+        print(f"{rank:>4}  {row['trial_id']:<14}{row[key]:>14.4f}{row['epochs']:>8}  {row['status']:<18}{values}", file=file)
     print_nodes(summary.get("nodes") or [], file)
     best = summary["best"]
     if best:
