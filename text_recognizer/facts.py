@@ -78,6 +78,11 @@ def trial_status(last: dict[str, Any], max_t: int, error: bool = False, budget_e
     return "completed" if last["training_iteration"] >= max_t else "stopped_early"
 
 
+def search_ended(rows: list[dict[str, Any]]) -> bool:
+    """Whether every trial of a search ended (FINAL_STATUSES): else it was interrupted, and --resume goes on."""
+    return all(row["status"] in FINAL_STATUSES for row in rows)
+
+
 def wandb_run_id(search_name: str, trial_id: str) -> str:
     """A stable W&B run id for a trial: the search name and Tune's trial id."""
     return re.sub(r"[^A-Za-z0-9_-]", "-", f"{search_name}-{trial_id}")[:128]

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow.fs
 from ray import tune
 
-from text_recognizer.facts import CHECKPOINT_NAME
+from text_recognizer.facts import CHECKPOINT_NAME, search_ended
 
 FOLDER = re.compile(r"checkpoint_(\d+)$")  # Tune's name for a trial's checkpoint folders
 TRAINER_STATE = ("optimizer_states", "lr_schedulers", "callbacks")  # what Lightning leaves out of weights-only files
@@ -156,7 +156,7 @@ def keep_best_trials(
     `keep` by their best metric, and of the diverged ones; returns the ids of the trials whose checkpoint is kept.
     Errored trials keep theirs (--resume retries them); an interrupted search deletes nothing (its ranking is not
     final) and returns None."""
-    if any(row["status"] in ("interrupted", "pending") for row in rows):
+    if not search_ended(rows):
         return None
     key, sign = f"best_{metric}", (-1 if mode == "max" else 1)
     ranked = sorted((r for r in rows if r["status"] in ENDED and r.get(key) is not None), key=lambda r: sign * r[key])

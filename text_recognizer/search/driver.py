@@ -21,7 +21,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from text_recognizer.data import DATA_CLASSES
-from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE
+from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, search_ended
 from text_recognizer.search import storage, tune_actor
 from text_recognizer.search.checkpoints import CheckpointKeeper, keep_best_trials
 from text_recognizer.search.cluster import ray_cluster
@@ -85,7 +85,7 @@ def load_data(spec: SearchSpec) -> dict[str, Any]:
 def test_winner(spec: SearchSpec, best: dict | None, data: ray.ObjectRef, rows: list[dict]) -> dict | None:
     """The best trial (chosen on val) with its checkpoint's test_acc and test_loss, evaluated once, in a Ray worker
     with a trial's resources, at the end of a finished search."""
-    if best is None or any(row["status"] in ("interrupted", "pending") for row in rows):
+    if best is None or not search_ended(rows):
         return best
     cpus, gpus = spec.resources
     # where Tune stored it (a folder or a URI): the worker, on any node, reads it from there

@@ -19,10 +19,10 @@ from ray.tune import Callback, Result
 
 from text_recognizer.facts import (
     CHECKPOINT_NAME,
-    FINAL_STATUSES,
     REPORT_PAGE,
     replay_command,
     resume_command,
+    search_ended,
     sync_command,
     trial_status,
 )
@@ -156,7 +156,7 @@ def summarize(
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
     total_epochs = sum(row["epochs"] for row in rows)
     startups = [row["startup_seconds"] for row in rows if row["startup_seconds"] is not None]
-    interrupted = any(row["status"] not in FINAL_STATUSES for row in rows)
+    interrupted = not search_ended(rows)
     summary = {
         "name": spec.name,
         "interrupted": interrupted,
