@@ -54,3 +54,25 @@ def test_a_trial_reports_every_epoch_with_a_checkpoint_and_resumes_from_it(tiny_
     train_trial(config, arrays, lambda m, d: resumed.append((m, Path(d))), checkpoint=restart, **settings)
     assert [m["epoch"] for m, _ in resumed] == [2, 3]
     assert resumed[-1][0]["val_acc"] == pytest.approx(reports[-1][0]["val_acc"])  # same data order, same result
+
+
+@pytest.mark.parametrize(
+    "native, flag, expected", [(True, [], "bf16-mixed"), (False, [], "32-true"), (True, ["--precision=32-true"], "32-true")]
+)
+def test_precision_auto_resolves_for_the_device_and_the_run_records_it(
+    monkeypatch: pytest.MonkeyPatch, tiny_data_dir: Path, native: bool, flag: list[str], expected: str
+) -> None:
+    """--precision auto (the default) trains in bf16-mixed only where the device computes bfloat16 natively; the
+    checkpoint's run flags and the trial's reports name the precision it trained in, so a replay is the same run."""
+    from text_recognizer import training
+
+    asked: list[bool] = []
+    monkeypatch.setattr(training, "native_bf16", lambda gpu: asked.append(gpu) or native)
+    args = parse_args([f"--data_dir={tiny_data_dir}", "--max_epochs=1", "--fc1=16", "--fc2=8", *flag])
+    trainer, _, lit_model = train(args, callbacks=[], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert trainer.precision == expected and args.precision == expected and lit_model.args["precision"] == expected
+    assert asked == ([] if flag else [False])  # asked about the CPU, the device it trained on
+    reports: list[dict] = []
+    config = {"data_dir": str(tiny_data_dir), "max_epochs": 1, "fc1": 16, "fc2": 8, **dict(f[2:].split("=") for f in flag)}
+    train_trial(config, None, lambda metrics, _: reports.append(metrics), checkpoint=None, threads=1, gpu_ids=[], started=0.0)
+    assert [metrics["precision"] for metrics in reports] == [expected]

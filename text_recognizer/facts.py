@@ -44,6 +44,11 @@ def config_to_argv(config: dict[str, Any]) -> list[str]:
     return argv
 
 
+def with_precision(config: dict[str, Any], precision: str | None) -> dict[str, Any]:
+    """A trial's run flags with the precision it trained in (--precision auto, as resolved on its node), if known."""
+    return {**config, "precision": precision} if precision else dict(config)
+
+
 def replay_command(config: dict[str, Any], epochs: int | None = None) -> str:
     """The run_experiment.py command line that trains a trial's config as a single run."""
     run_args = {**config, **({"max_epochs": epochs} if epochs else {})}

@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,14 @@ MAX_EPOCHS = 5
 SEED = 42
 EARLY_STOPPING_PATIENCE = 10
 MONITOR = "val_loss"  # the lab's metric for early stopping and the best checkpoint of a single run
+# auto: bf16-mixed where the run's device computes bfloat16 natively, else 32-true (resolve_precision); on a CPU
+# without bf16 units autocast only adds casts, so it is never picked there
+PRECISION = "auto"
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+# CPU flags of native bfloat16 arithmetic: x86's AVX512-BF16 and AMX-BF16, Arm's BF16 (FEAT_BF16)
+CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+# bf16-mixed keeps float32 weights, so the summary's float32 sizes are right: not a warning in every bf16 run
+warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
 # training/logs/ in a checkout; an installed package writes its runs' logs under the working folder
 LOG_DIR = CHECKOUT / "training" / "logs" if CHECKOUT else Path("logs") / "runs"
 
@@ -50,7 +59,12 @@ def _add_trainer_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto", help="default auto")
     group.add_argument("--devices", default="auto", help="devices per run (default auto)")
     group.add_argument("--gpus", type=int, default=None, help="old spelling of --accelerator=gpu --devices=N; 0 means CPU")
-    group.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true, bf16-mixed")
+    group.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=PRECISION,
+        help="Lightning precision; auto (default): bf16-mixed where the device computes bfloat16 natively, else 32-true",
+    )
     for split in ("train", "val", "test"):
         group.add_argument(f"--limit_{split}_batches", type=batches, default=1.0, help="batches per epoch: int or fraction")
     group.add_argument("--overfit_batches", type=batches, default=0.0, help="train and validate on this many batches")
@@ -110,6 +124,34 @@ def device_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"accelerator": args.accelerator, "devices": args.devices}
 
 
+def native_bf16(gpu: bool) -> bool:
+    """Whether this process's device computes bfloat16 natively: the one place that asks the hardware.
+
+    A GPU: compute capability 8.0 (Ampere) or later, emulation not counted. A CPU: its flags in /proc/cpuinfo
+    (Linux), as oneDNN's own check counts AVX-512 without BF16 units, where autocast is slower than float32.
+    """
+    if gpu:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        with open("/proc/cpuinfo") as file:
+            flags = {flag for line in file if line.startswith(("flags", "Features")) for flag in line.split(":", 1)[1].split()}
+    except OSError:  # not Linux: no way to tell here, so float32
+        return False
+    return bool(flags & CPU_BF16_FLAGS) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def uses_gpu(accelerator: str) -> bool:
+    """Whether a Trainer with this accelerator trains on a CUDA GPU (auto picks one when there is one)."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def resolve_precision(precision: str, gpu: bool) -> str:
+    """The Lightning precision a run trains in: `auto` resolved for its device, anything else as given."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if native_bf16(gpu) else "32-true"
+
+
 def default_wandb_mode() -> str:
     """WANDB_MODE if set, else online when W&B credentials exist, else offline."""
     if os.environ.get("WANDB_MODE"):
@@ -164,22 +206,28 @@ def build(args: argparse.Namespace, arrays: Arrays | None = None) -> tuple[BaseD
     return data, lit_model
 
 
-def trainer_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The Trainer arguments that run flags set (callbacks, logger and checkpointing are the caller's)."""
-    return dict(
-        max_epochs=args.max_epochs,
-        precision=args.precision,
-        limit_train_batches=args.limit_train_batches,
-        limit_val_batches=args.limit_val_batches,
-        limit_test_batches=args.limit_test_batches,
-        overfit_batches=args.overfit_batches,
-        fast_dev_run=args.fast_dev_run,
-        deterministic=args.deterministic or None,
-        check_val_every_n_epoch=args.check_val_every_n_epoch,
-        gradient_clip_val=args.gradient_clip_val,
-        log_every_n_steps=args.log_every_n_steps,
+def trainer_args(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+    """The Trainer arguments that run flags set, with the caller's `overrides` (callbacks, logger, checkpointing,
+    a trial's device); the precision resolved for the device it trains on, and recorded in `args` (so the
+    checkpoint's run_args, the W&B config and a replay name the precision it trained in)."""
+    kwargs: dict[str, Any] = {
+        **dict(
+            max_epochs=args.max_epochs,
+            limit_train_batches=args.limit_train_batches,
+            limit_val_batches=args.limit_val_batches,
+            limit_test_batches=args.limit_test_batches,
+            overfit_batches=args.overfit_batches,
+            fast_dev_run=args.fast_dev_run,
+            deterministic=args.deterministic or None,
+            check_val_every_n_epoch=args.check_val_every_n_epoch,
+            gradient_clip_val=args.gradient_clip_val,
+            log_every_n_steps=args.log_every_n_steps,
+        ),
         **device_kwargs(args),
-    )
+        **overrides,
+    }
+    args.precision = kwargs["precision"] = resolve_precision(args.precision, uses_gpu(kwargs["accelerator"]))
+    return kwargs
 
 
 def train(
@@ -195,17 +243,19 @@ def train(
 
     A diverged run (a loss not finite) stops after its epoch: BaseLitModel.stop_if_diverged.
     """
-    data, lit_model = build(args, arrays)
-    trainer = pl.Trainer(**{**trainer_args(args), "callbacks": list(callbacks), "logger": logger, **trainer_overrides})
+    kwargs = trainer_args(args, callbacks=list(callbacks), logger=logger, **trainer_overrides)
+    data, lit_model = build(args, arrays)  # after the precision is resolved: the model's run_args record it
+    trainer = pl.Trainer(**kwargs)
     trainer.fit(lit_model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     return trainer, data, lit_model
 
 
 def test_checkpoint(args: argparse.Namespace, arrays: Arrays | None = None) -> dict[str, float]:
     """The test split's metrics (test_acc, test_loss) of the weights in args.load_checkpoint, without training."""
-    data, lit_model = build(args, arrays)
     quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer = pl.Trainer(**{**trainer_args(args), **quiet})
+    kwargs = trainer_args(args, **quiet)
+    data, lit_model = build(args, arrays)
+    trainer = pl.Trainer(**kwargs)
     (metrics,) = trainer.test(lit_model, datamodule=data, verbose=False)
     return {key: float(value) for key, value in metrics.items()}
 
@@ -226,6 +276,7 @@ def fit_and_test(args: argparse.Namespace) -> dict[str, Any]:
 
     Returns the final metrics, the test metrics and the best checkpoint's path.
     """
+    trainer_args(args)  # resolves --precision auto into args before the loggers take the flags as the run's config
     timer = EpochTimer()
     checkpoint = ModelCheckpoint(
         monitor=MONITOR, mode="min", filename="epoch={epoch:03d}-val_loss={val_loss:.3f}", auto_insert_metric_name=False

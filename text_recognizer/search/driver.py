@@ -21,7 +21,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from text_recognizer.data import DATA_CLASSES
-from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, search_ended
+from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, search_ended, with_precision
 from text_recognizer.search import storage, tune_actor
 from text_recognizer.search.checkpoints import CheckpointKeeper, keep_best_trials
 from text_recognizer.search.cluster import ray_cluster
@@ -91,7 +91,8 @@ def test_winner(spec: SearchSpec, best: dict | None, data: ray.ObjectRef, rows: 
     # where Tune stored it (a folder or a URI): the worker, on any node, reads it from there
     checkpoint = tune.Checkpoint(os.path.dirname(best["checkpoint"]), filesystem=tune_storage(spec).get("storage_filesystem"))
     evaluate = ray.remote(num_cpus=cpus, num_gpus=gpus)(tune_actor.test_winner)
-    return {**best, **ray.get(evaluate.remote(best["config"], checkpoint, data))}
+    config = with_precision(best["config"], best.get("precision"))  # tested in the precision it trained in
+    return {**best, **ray.get(evaluate.remote(config, checkpoint, data))}
 
 
 def local_winner(spec: SearchSpec, best: dict | None) -> dict | None:

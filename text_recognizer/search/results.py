@@ -25,6 +25,7 @@ from text_recognizer.facts import (
     search_ended,
     sync_command,
     trial_status,
+    with_precision,
 )
 from text_recognizer.search.spec import SearchSpec
 
@@ -99,8 +100,9 @@ def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float], 
         "gpus": last.get("gpus"),
         "gpu_ids": last.get("gpu_ids"),
         "cuda_visible_devices": last.get("cuda_visible_devices"),
+        "precision": last.get("precision"),  # as its node resolved --precision auto
         "failures": _failures(spec.folder / Path(result.path).name),  # the trial's logs, also with a URI storage
-        "replay": replay_command(trial_config, epochs or None),
+        "replay": replay_command(with_precision(trial_config, last.get("precision")), epochs or None),
         "error": str(spec.folder / Path(result.path).name / ERROR_FILE) if result.error is not None else None,
     }
     if trial_id in trial_starts and len(frame) and "first_step_at" in frame:
@@ -124,6 +126,7 @@ def best_checkpoint(result: Result, row: dict[str, Any], spec: SearchSpec) -> di
         "value": float(metrics[metric]),
         "epoch": int(metrics["training_iteration"]),
         "config": row["config"],
+        "precision": row["precision"],
         "checkpoint": str(Path(checkpoint.path) / CHECKPOINT_NAME),
         "metrics": {key: finite(metrics.get(key)) for key in FINAL_METRICS},
     }
@@ -143,7 +146,7 @@ def collect(
         if candidate and (best is None or sign * candidate["value"] > sign * best["value"]):
             best = candidate
     if best:
-        best["replay"] = replay_command(best["config"], best["epoch"])
+        best["replay"] = replay_command(with_precision(best["config"], best["precision"]), best["epoch"])
     return rows, best
 
 

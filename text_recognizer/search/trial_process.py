@@ -71,6 +71,7 @@ class ReportCallback(EpochTimer, Checkpoint):
             gpu_ids=",".join(self.gpu_ids),
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             torch_threads=torch.get_num_threads(),
+            precision=trainer.precision,  # as resolved on this node (--precision auto): the replay trains in it
             trial_pid=os.getpid(),  # the process that trains: the actor's, or a fork's (Tune's `pid` is the actor's)
             data_copied=self.data_copied,
             reported_at=time.time(),

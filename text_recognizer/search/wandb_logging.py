@@ -27,8 +27,9 @@ from text_recognizer.util import UserError
 # what a trial run's history holds, one row per epoch
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "diverged")
 SUMMARY_COLUMNS = ("status", "epochs", "val_acc", "val_loss", "train_acc", "train_loss")  # + best_<metric>
-# where a trial trains, in its run's config (updated when a retry lands on another node)
-WHERE_KEYS = ("node_id", "node_ip", "cpus", "gpus", "gpu_ids")
+# where and how a trial trains, in its run's config (updated when a retry lands on another node); the precision is
+# --precision auto as resolved on that node
+WHERE_KEYS = ("node_id", "node_ip", "cpus", "gpus", "gpu_ids", "precision")
 
 
 def check_installed(mode: str) -> None:
