@@ -32,8 +32,8 @@ bench: install  ## quick benchmark (minutes): prints figures and ratios, writes 
 bench-full: install  ## the full benchmark: 50-sample searches, ours and the textbook recipe
 	$(PYTHON) benchmarks/run.py --full
 
-bench-quality: install  ## random vs optuna on fashion_mlp_asha: 3 seeds each, 5 minutes a search (about 35 minutes)
-	$(PYTHON) benchmarks/quality.py --time-budget 300s
+bench-quality: install  ## float32 vs --precision auto on fashion_mlp_asha: 3 seeds each, 5 minutes a search (about 35 minutes)
+	$(PYTHON) benchmarks/quality.py --compare precision --time-budget 300s
 
 device-carry:  ## the GPU check's carry folder .device/: slim Ray for the GPU image's Python 3.12, wheels, data (README)
 	$(PYTHON) benchmarks/device/build_carry.py

@@ -43,6 +43,7 @@ from text_recognizer.data import FashionMNIST  # noqa: E402
 # a step's expected seconds on one H200 (guesses until the first run: used only to skip what --budget-s can't fit)
 EXPECTED_SECONDS = {"one": 45, "search": 150, "pack": 45}
 PACK_BATCHES = 100  # train batches per epoch in the packing searches
+ONE_PRECISIONS = ("32-true", "bf16-mixed")  # the one-trial step, each against the plain loop in the same precision
 
 
 class GpuMemory(threading.Thread):
@@ -114,7 +115,8 @@ def plan(args: argparse.Namespace, gpus: int, cpus: int) -> list[tuple[str, str,
     single = [f"--{k}={v}" for k, v in DEFAULT_RUN.items()]
     gpu_flag = "0" if args.cpu_stand_in else "1"
     alone = [*single, "--gpus-per-trial", gpu_flag, "--cpus-per-trial", "1"]
-    steps = [("one", m, 1, 1, args.one_epochs, alone) for m in args.modes]
+    # one trial alone in each precision (bf16-mixed: Ampere and later compute it natively; the rest use auto)
+    steps = [("one", m, 1, 1, args.one_epochs, [*alone, f"--precision={p}"]) for p in ONE_PRECISIONS for m in args.modes]
     default_packing = 1 if args.cpu_stand_in else 4  # the search's own default: 4 trials per GPU (1 CPU each on CPUs)
     steps += [("search", m, default_packing, args.samples, args.max_t, []) for m in args.modes]
     for per_gpu in args.packing:
@@ -127,21 +129,27 @@ def plan(args: argparse.Namespace, gpus: int, cpus: int) -> list[tuple[str, str,
 
 def table(result: dict[str, Any]) -> str:
     """The one table: a row per step and trial mode."""
-    plain = result.get("plain_loop_seconds_per_epoch")
+    plains = result.get("plain_loop_seconds_per_epoch_by_precision") or {"32-true": result.get("plain_loop_seconds_per_epoch")}
     device = "CPU stand-in (no GPU)" if result["cpu_stand_in"] else f"{result['gpu']} x{result['gpus']}"
     lines = [
         f"{device}, {result['cpus']} CPUs, torch {result['torch']}, ray {result['ray']}, W&B disabled; "
-        f"plain loop on the {'CPU' if result['cpu_stand_in'] else 'GPU'}: {_fmt(plain, 2)} s/epoch (default MLP, batch 128)",
+        f"plain loop on the {'CPU' if result['cpu_stand_in'] else 'GPU'} (default MLP, batch 128), s/epoch: "
+        + ", ".join(f"{p} {_fmt(v, 2)}" for p, v in plains.items()),
         f"{'step':<24}{'mode':<7}{'per GPU':>8}{'at once':>8}{'s/epoch':>9}{'/plain':>8}{'GPU MB/proc':>12}"
         f"{'torch MB':>9}{'wall s':>8}{'epochs':>7}{'epochs/s':>9}{'best acc':>9}",
     ]
     for row in result["steps"]:
-        label = {"one": "one trial alone", "search": f"{row['samples']}-sample search", "pack": f"{row['samples']} short trials"}
+        label = {
+            "one": f"one trial, {row.get('precision', '32-true')}",
+            "search": f"{row['samples']}-sample search",
+            "pack": f"{row['samples']} short trials",
+        }
         head = f"{label[row['kind']]:<24}{row['mode']:<7}{row['per_gpu']:>8}"
         if "skipped" in row or "error" in row:
             lines.append(f"{head}  {row.get('skipped') or row.get('error')}")
             continue
-        ratio = row["seconds_per_epoch"] / plain if row["kind"] == "one" and row["seconds_per_epoch"] and plain else None
+        own = plains.get(row.get("precision", "32-true"))  # the plain loop in the trial's own precision
+        ratio = row["seconds_per_epoch"] / own if row["kind"] == "one" and row["seconds_per_epoch"] and own else None
         lines.append(
             f"{head}{row['max_concurrent']:>8}{_fmt(row['seconds_per_epoch'], 2):>9}{_fmt(ratio, 2):>8}"
             f"{_fmt(row.get('gpu_mb_per_process_median'), 0):>12}{_fmt(row['torch_peak_allocated_mb_per_trial'], 0):>9}"
@@ -202,11 +210,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
     device, threads = ("cpu", 1) if args.cpu_stand_in else ("cuda", cpus)
-    result["plain_loop_seconds_per_epoch"] = plain_loop_seconds_per_epoch(arrays, threads, device=device)
-    print(f"plain loop: {result['plain_loop_seconds_per_epoch']:.2f} s/epoch ({time.time() - began:.0f} s)", flush=True)
+    result["plain_loop_seconds_per_epoch_by_precision"] = {
+        p: plain_loop_seconds_per_epoch(arrays, threads, device=device, precision=p) for p in ONE_PRECISIONS
+    }
+    result["plain_loop_seconds_per_epoch"] = result["plain_loop_seconds_per_epoch_by_precision"]["32-true"]
+    print(f"plain loop: {result['plain_loop_seconds_per_epoch_by_precision']} s/epoch ({time.time() - began:.0f} s)", flush=True)
     path.write_text(json.dumps(result, indent=2))
     for kind, mode, per_gpu, samples, max_t, extra in plan(args, gpus, cpus):
         row: dict[str, Any] = {"kind": kind, "mode": mode, "per_gpu": per_gpu, "samples": samples}
+        row["precision"] = next((a.split("=", 1)[1] for a in extra if a.startswith("--precision=")), "auto")
         left = args.budget_s - (time.time() - began) if args.budget_s else None
         if left is not None and left < EXPECTED_SECONDS[kind]:
             row["skipped"] = f"skipped: {left:.0f} s of the budget left, expected {EXPECTED_SECONDS[kind]} s"

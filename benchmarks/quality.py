@@ -1,13 +1,15 @@
-"""Quality benchmark: which sampler finds a better model for the same compute, random or Optuna's TPE (under ASHA).
+"""Quality benchmark: which arm finds a better model for the same compute: a sampler (random or Optuna's TPE,
+under ASHA), or a precision (float32 against --precision auto: bf16-mixed where the hardware computes it natively).
 
-    python benchmarks/quality.py                      # the default Fashion-MNIST config, 3 seeds per sampler
+    python benchmarks/quality.py --compare precision  # the default config, float32 vs auto, 3 seeds each (make bench-quality)
+    python benchmarks/quality.py --compare sampler    # random vs optuna, 3 seeds each
     python benchmarks/quality.py --seeds 0 --num-samples 12 --time-budget 2m   # a quick look
 
 Each search is the real `search/tune_mlp.py`, one process per search (its own local Ray cluster), on the same
-config, machine and budget; only the sampler and its seed (the config's `seed`) change. Per sampler it prints
-the median and range over seeds of: the best val_acc, the winner's test_acc (evaluated once, after the
-search), the search wall time, the epochs trained, and the time to target (wall seconds from the first trial's
-start until some trial first reported val_acc >= --target). Beside them, the machine's noise: a fixed one-epoch
+config, machine and budget; only the arm and the seed (the config's `seed`) change. Per arm it prints the median
+and range over seeds of: the best val_acc, the winner's test_acc (evaluated once, after the search), the search
+wall time, the epochs trained, the samples started, and the time to each target (wall seconds from the first
+trial's start until some trial first reported val_acc >= it). Beside them, the machine's noise: a fixed one-epoch
 training timed before every search. Writes JSON and a plot of the best val_acc so far against wall time.
 """
 
@@ -33,17 +35,23 @@ from benchmarks.run import _trial_results, plain_loop_seconds_per_epoch  # noqa:
 from text_recognizer.data import FashionMNIST  # noqa: E402
 
 FASHION_CONFIG = ROOT / "experiments" / "fashion_mlp_asha.yaml"
-SAMPLERS = ("random", "optuna")
-FIGURES = ("best_val_acc", "test_acc", "wall_seconds", "total_epochs", "time_to_target")
+# what each comparison varies: arm -> (the config's search_alg, or None to keep the config's; extra run flags)
+ARMS = {
+    "sampler": {"random": ("random", []), "optuna": ("optuna", [])},
+    "precision": {"32-true": (None, ["--precision=32-true"]), "auto": (None, ["--precision=auto"])},
+}
+FIGURES = ("best_val_acc", "test_acc", "wall_seconds", "total_epochs", "samples_started")
+TARGETS = (0.885, 0.900)
 
 
-def search(config: Path, sampler: str, seed: int, args: argparse.Namespace, storage: Path) -> dict[str, Any]:
+def search(config: Path, arm: str, seed: int, args: argparse.Namespace, storage: Path) -> dict[str, Any]:
     """One search through the real script; its figures and its best-so-far curve."""
-    name = f"quality-{sampler}-seed{seed}"
+    name = f"quality-{arm}-seed{seed}"
+    sampler, flags = ARMS[args.compare][arm]
     raw = yaml.safe_load(config.read_text())
     seeded = storage / f"{name}.yaml"
-    seeded.write_text(yaml.safe_dump({**raw, "seed": seed, "search_alg": sampler}))
-    command = [sys.executable, str(ROOT / "search" / "tune_mlp.py"), "--config", str(seeded), "--name", name]
+    seeded.write_text(yaml.safe_dump({**raw, "seed": seed, **({"search_alg": sampler} if sampler else {})}))
+    command = [sys.executable, str(ROOT / "search" / "tune_mlp.py"), "--config", str(seeded), "--name", name, *flags]
     command += ["--storage-path", str(storage), "--wandb-mode", "disabled", "--quiet", f"--data_dir={args.data_dir}"]
     command += ["--num-samples", str(args.num_samples)] if args.num_samples else []
     command += ["--time-budget", args.time_budget] if args.time_budget else []
@@ -51,15 +59,18 @@ def search(config: Path, sampler: str, seed: int, args: argparse.Namespace, stor
     summary = json.loads((storage / name / "summary.json").read_text())
     curve = best_so_far(_trial_results(storage / name), summary["settings"]["metric"])
     best = summary["best"] or {}
+    precisions = sorted({row["precision"] for row in summary["trials"] if row.get("precision")})
     return {
-        "sampler": sampler,
+        "arm": arm,
         "seed": seed,
+        "precisions": precisions,  # what the trials trained in, as their nodes resolved it
         "best_val_acc": best.get("value"),
         "test_acc": best.get("test_acc"),
         "wall_seconds": summary["wall_seconds"],
         "total_epochs": summary["total_epochs"],
+        "samples_started": sum(row["epochs"] > 0 for row in summary["trials"]),
         "statuses": summary["statuses"],
-        "time_to_target": next((t for t, value in curve if value >= args.target), None),
+        **{f"s_to_{target}": next((t for t, value in curve if value >= target), None) for target in args.targets},
         "winner": {key: best.get(key) for key in ("trial_id", "epoch", "config")},
         "curve": curve,
     }
@@ -87,46 +98,55 @@ def spread(values: list[float | None]) -> dict[str, Any]:
     return {"median": statistics.median(present), "min": min(present), "max": max(present), "missing": len(values) - len(present)}
 
 
-def table(runs: list[dict[str, Any]], samplers: list[str]) -> dict[str, dict[str, Any]]:
-    return {s: {f: spread([r[f] for r in runs if r["sampler"] == s]) for f in FIGURES} for s in samplers}
+def figure_names(targets: list[float]) -> list[str]:
+    return [*FIGURES, *(f"s_to_{target}" for target in targets)]
 
 
-def print_table(figures: dict[str, dict[str, Any]], noise: dict[str, Any], target: float) -> None:
+def table(runs: list[dict[str, Any]], arms: list[str], targets: list[float]) -> dict[str, dict[str, Any]]:
+    return {a: {f: spread([r[f] for r in runs if r["arm"] == a]) for f in figure_names(targets)} for a in arms}
+
+
+def print_table(figures: dict[str, dict[str, Any]], noise: dict[str, Any], targets: list[float]) -> None:
     def cell(entry: dict[str, Any], digits: int) -> str:
         if entry["median"] is None:
             return "never"
         text = f"{entry['median']:.{digits}f} [{entry['min']:.{digits}f}-{entry['max']:.{digits}f}]"
         return text + (f" ({entry['missing']} never)" if entry["missing"] else "")
 
-    digits = {"best_val_acc": 4, "test_acc": 4, "wall_seconds": 0, "total_epochs": 0, "time_to_target": 0}
-    labels = {"time_to_target": f"s to val_acc>={target}"}
+    digits = {"best_val_acc": 4, "test_acc": 4}
+    labels = {f"s_to_{target}": f"s to val_acc>={target}" for target in targets}
     print(f"\n{'median [min-max] over seeds':<28}" + "".join(f"{s:>34}" for s in figures))
-    for figure in FIGURES:
-        print(f"{labels.get(figure, figure):<28}" + "".join(f"{cell(figures[s][figure], digits[figure]):>34}" for s in figures))
+    for figure in figure_names(targets):
+        print(
+            f"{labels.get(figure, figure):<28}"
+            + "".join(f"{cell(figures[s][figure], digits.get(figure, 0)):>34}" for s in figures)
+        )
     print(
         f"\nMachine noise: a fixed 1-epoch training took {noise['median']:.2f} s median, "
         f"{noise['min']:.2f}-{noise['max']:.2f} s over the {noise['count']} searches (timed before each)."
     )
 
 
-def plot(runs: list[dict[str, Any]], path: Path, target: float) -> None:
+def plot(runs: list[dict[str, Any]], path: Path, targets: list[float], compare: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"random": "tab:blue", "optuna": "tab:orange"}
+    colors = {"random": "tab:blue", "optuna": "tab:orange", "32-true": "tab:blue", "auto": "tab:orange"}
     figure, axes = plt.subplots(figsize=(8, 5))
     for run in runs:
         if run["curve"]:
             times, values = zip(*run["curve"], strict=True)
-            label = f"{run['sampler']} seed {run['seed']}"
-            axes.step(times, values, where="post", color=colors.get(run["sampler"]), alpha=0.8, label=label)
-    axes.axhline(target, color="grey", linestyle=":", label=f"target {target}")
+            label = f"{run['arm']} seed {run['seed']}"
+            axes.step(times, values, where="post", color=colors.get(run["arm"]), alpha=0.8, label=label)
+    for target in targets:
+        axes.axhline(target, color="grey", linestyle=":", label=f"target {target}")
     axes.set(xlabel="wall seconds since the first trial started", ylabel="best val_acc so far")
-    axes.set_title("Random vs Optuna (TPE) under ASHA, same config and budget")
-    lowest = min((v for run in runs for _, v in run["curve"][-1:]), default=target) - 0.02
-    axes.set_ylim(bottom=max(0.0, min(lowest, target - 0.02)))
+    titles = {"sampler": "Random vs Optuna (TPE) under ASHA", "precision": "float32 vs --precision auto"}
+    axes.set_title(f"{titles[compare]}, same config and budget")
+    lowest = min((v for run in runs for _, v in run["curve"][-1:]), default=min(targets)) - 0.02
+    axes.set_ylim(bottom=max(0.0, min(lowest, min(targets) - 0.02)))
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -136,40 +156,46 @@ def plot(runs: list[dict[str, Any]], path: Path, target: float) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=FASHION_CONFIG, help="search config (default: fashion_mlp_asha)")
-    parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
+    parser.add_argument("--compare", choices=sorted(ARMS), default="precision", help="what the arms vary (default precision)")
+    parser.add_argument("--arms", nargs="+", default=None, help="a subset of the comparison's arms (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="sampler seeds (default 0 1 2)")
     parser.add_argument("--num-samples", type=int, default=None, help="trials per search (default: the config's)")
     parser.add_argument("--time-budget", default=None, help="time budget per search, e.g. 5m (default: the config's)")
-    parser.add_argument("--target", type=float, default=0.885, help="val_acc of the time-to-target figure (0.885)")
+    parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS), help="val_acc of the time-to figures")
     parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST files (default: the data class's)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    arms = args.arms or list(ARMS[args.compare])
+    if set(arms) - set(ARMS[args.compare]):
+        parser.error(f"--arms: {args.compare} has the arms {', '.join(ARMS[args.compare])}")
     args.data_dir = args.data_dir or FashionMNIST(None).data_dir
     arrays = FashionMNIST.load_arrays(args.data_dir)  # a missing dataset fails here, before any search
     runs, noise = [], []
     with tempfile.TemporaryDirectory(prefix="quality-") as storage:
-        for seed in args.seeds:  # seeds outermost: a drift of the machine's speed hits both samplers alike
-            for sampler in args.samplers:
+        for seed in args.seeds:  # seeds outermost: a drift of the machine's speed hits both arms alike
+            for arm in arms:
                 noise.append(plain_loop_seconds_per_epoch(arrays, threads=1, epochs=2))
-                runs.append(search(args.config, sampler, seed, args, Path(storage)))
-                print(f"{sampler} seed {seed}: " + ", ".join(f"{f}={runs[-1][f]}" for f in FIGURES), flush=True)
-    figures = table(runs, args.samplers)
+                runs.append(search(args.config, arm, seed, args, Path(storage)))
+                shown = [*figure_names(args.targets), "precisions"]
+                print(f"{arm} seed {seed}: " + ", ".join(f"{f}={runs[-1][f]}" for f in shown), flush=True)
+    figures = table(runs, arms, args.targets)
     noise_figures = {"median": statistics.median(noise), "min": min(noise), "max": max(noise), "count": len(noise)}
-    print_table(figures, noise_figures, args.target)
+    print_table(figures, noise_figures, args.targets)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record = {
         "config": str(args.config),
         "num_samples": args.num_samples,
         "time_budget": args.time_budget,
-        "target": args.target,
+        "compare": args.compare,
+        "targets": args.targets,
         "cpus": os.cpu_count(),
         "figures": figures,
         "noise_seconds_per_epoch": noise_figures,
         "runs": runs,
     }
     (args.out / f"quality-{stamp}.json").write_text(json.dumps(record, indent=2, default=str))
-    plot(runs, args.out / f"quality-{stamp}.png", args.target)
+    plot(runs, args.out / f"quality-{stamp}.png", args.targets, args.compare)
     print(f"\nwrote {args.out / f'quality-{stamp}.json'} and .png")
     return record
 

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from text_recognizer.data import FashionMNIST  # noqa: E402
+from text_recognizer.training import native_bf16  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FASHION_CONFIG = HERE / "speed_config.yaml"  # fixed for speed comparisons; the quality benchmark uses the shipped config
@@ -37,9 +38,10 @@ DEFAULT_RUN = {"fc1": 1024, "fc2": 128, "dropout": 0.5, "lr": 1e-3, "batch_size"
 
 
 def plain_loop_seconds_per_epoch(
-    arrays: dict, threads: int, epochs: int = 3, batch_size: int = 128, device: str = "cpu"
+    arrays: dict, threads: int, epochs: int = 3, batch_size: int = 128, device: str = "cpu", precision: str = "32-true"
 ) -> float:
-    """A plain PyTorch loop over in-memory tensors (train + validation), median seconds of epochs after the first."""
+    """A plain PyTorch loop over in-memory tensors (train + validation), median seconds of epochs after the first;
+    in bf16 autocast for `precision` bf16-mixed, as Lightning's bf16-mixed trains."""
     from text_recognizer.models import MLP
 
     torch.set_num_threads(threads)
@@ -48,18 +50,20 @@ def plain_loop_seconds_per_epoch(
     model = MLP({"input_dims": (1, 28, 28), "mapping": list(range(10))}, argparse.Namespace(**DEFAULT_RUN)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     times = []
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     for _ in range(epochs):
         start = time.perf_counter()
         model.train()
         order = torch.randperm(len(x), device=device)
         for i in range(0, len(x), batch_size):
             index = order[i : i + batch_size]
-            loss = torch.nn.functional.cross_entropy(model(x[index]), y[index])
+            with autocast:
+                loss = torch.nn.functional.cross_entropy(model(x[index]), y[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             correct = sum(
                 (model(xv[i : i + batch_size]).argmax(1) == yv[i : i + batch_size]).sum() for i in range(0, len(xv), batch_size)
             )
@@ -145,8 +149,34 @@ def ours(
         "epoch_fraction": summary["epoch_fraction"],
         "startup_seconds_median": summary["startup_seconds_median"],
         "seconds_per_epoch": _later_epoch_seconds(frames),
+        "epoch_split": epoch_split(frames),
         "memory_mb": sampler.stop(),
     }
+
+
+# where a trial's wall time per epoch goes (the medians over epochs after the first); see ReportCallback
+SPLIT = ("steps", "validation", "checkpoint", "report", "other")
+
+
+def epoch_split(frames: dict[str, list[dict]]) -> dict[str, float] | None:
+    """Median seconds per epoch of: the training steps, validation, writing the checkpoint, handing the epoch to Tune
+    (until Tune took it: persisting the checkpoint, the driver's callbacks) and the rest (Lightning's loop, the
+    actor), from what every trial report records."""
+    split: dict[str, list[float]] = {part: [] for part in SPLIT}
+    for rows in frames.values():
+        for row, following in zip(rows, rows[1:], strict=False):
+            if row["training_iteration"] < 2 or "checkpoint_seconds" not in row:
+                continue
+            report = following["previous_report_seconds"]
+            split["steps"].append(row["epoch_seconds"] - row["validation_seconds"])
+            split["validation"].append(row["validation_seconds"])
+            split["checkpoint"].append(row["checkpoint_seconds"])
+            split["report"].append(report)
+            # between two reports: this epoch, its checkpoint, the report and whatever else ran
+            split["other"].append(
+                following["time_this_iter_s"] - following["epoch_seconds"] - following["checkpoint_seconds"] - report
+            )
+    return {part: statistics.median(values) for part, values in split.items()} if split["steps"] else None
 
 
 def recipe(
@@ -240,34 +270,65 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     print(f"benchmark ({label}) on {platform.node()}: {args.cpus} CPUs, torch {torch.__version__}, storage {storage}")
 
-    # per-epoch: the default MLP, one trial of 4 epochs alone on the cluster, vs the plain loop (1 thread each),
-    # which runs before and after ours (their mean: this machine's speed drifts by ~10 % over minutes)
-    ours_one, ours_search, plains = {}, {}, []
+    # per-epoch: the default MLP, one trial of 4 epochs alone on the cluster, vs the plain loop (1 thread each) in the
+    # same precision, which runs before and after ours (their mean: this machine's speed drifts by ~10 % over minutes)
+    precisions = ("32-true", "bf16-mixed") if native_bf16(gpu=False) else ("32-true",)
+    ours_one: dict[str, dict[str, Any]] = {precision: {} for precision in precisions}
+    ours_search, plains = {}, []
     for mode in MODES:
-        before = plain_loop_seconds_per_epoch(arrays, threads=1, epochs=4)
-        ours_one[mode] = ours(f"{mode}-epoch", storage, data_dir, FASHION_CONFIG, 1, 4, DEFAULT_RUN, trial_process=mode)
-        after = plain_loop_seconds_per_epoch(arrays, threads=1, epochs=4)
-        plains.append((before + after) / 2)
-        ours_one[mode]["plain_loop_seconds_per_epoch"] = plains[-1]
+        for precision in precisions:
+            before = plain_loop_seconds_per_epoch(arrays, threads=1, epochs=4, precision=precision)
+            run = {**DEFAULT_RUN, "precision": precision}
+            one = ours(f"{mode}-{precision}-epoch", storage, data_dir, FASHION_CONFIG, 1, 4, run, trial_process=mode)
+            after = plain_loop_seconds_per_epoch(arrays, threads=1, epochs=4, precision=precision)
+            one["plain_loop_seconds_per_epoch"] = (before + after) / 2
+            ours_one[precision][mode] = one
+            if precision == "32-true":
+                plains.append(one["plain_loop_seconds_per_epoch"])
+            print(
+                f"  {mode} {precision}: {one['seconds_per_epoch']:.3f} s/epoch, "
+                f"plain loop {one['plain_loop_seconds_per_epoch']:.3f}"
+            )
         ours_search[mode] = ours(f"{mode}-search", storage, data_dir, FASHION_CONFIG, samples, max_t, trial_process=mode)
-        print(f"  {mode}: {ours_one[mode]['seconds_per_epoch']:.2f} s/epoch, search {ours_search[mode]['wall_seconds']:.0f} s")
+        print(f"  {mode}: search {ours_search[mode]['wall_seconds']:.0f} s (--precision auto)")
     plain = statistics.mean(plains)
     recipe_one = recipe("recipe-epoch", storage, data_dir, FASHION_CONFIG, 1, 4, DEFAULT_RUN)
     recipe_search = recipe("recipe-search", storage, data_dir, FASHION_CONFIG, samples, max_t)
     print(f"  recipe: {recipe_one['seconds_per_epoch']:.2f} s/epoch, search {recipe_search['wall_seconds']:.0f} s")
     ray.shutdown()
 
-    figures = [
-        row(
-            "seconds per epoch in a trial / plain loop",
-            [ours_one[m]["seconds_per_epoch"] / ours_one[m]["plain_loop_seconds_per_epoch"] for m in MODES],
-            recipe_one["seconds_per_epoch"] / plain,
-            "<= 1.15",
-        ),
-        row(
-            "seconds per epoch in a trial", [ours_one[m]["seconds_per_epoch"] for m in MODES], recipe_one["seconds_per_epoch"], ""
-        ),
-        row("  plain loop, around it", [ours_one[m]["plain_loop_seconds_per_epoch"] for m in MODES], plain, ""),
+    figures = []
+    for precision in precisions:  # the recipe trains in Lightning's default, float32: its ratios are to that loop
+        one = ours_one[precision]
+        recipe_ratio = recipe_one["seconds_per_epoch"] / plain if precision == "32-true" else None
+        figures += [
+            row(
+                f"s/epoch in a trial / plain loop, {precision}",
+                [one[m]["seconds_per_epoch"] / one[m]["plain_loop_seconds_per_epoch"] for m in MODES],
+                recipe_ratio,
+                "<= 1.10",
+            ),
+            row(
+                f"  s/epoch in a trial, {precision}",
+                [one[m]["seconds_per_epoch"] for m in MODES],
+                recipe_one["seconds_per_epoch"] if recipe_ratio else None,
+                "",
+            ),
+            row(f"  plain loop, around it, {precision}", [one[m]["plain_loop_seconds_per_epoch"] for m in MODES], None, ""),
+        ]
+        figures += [
+            row(f"    of which {part}, s", [(one[m]["epoch_split"] or {}).get(part) for m in MODES], None, "") for part in SPLIT
+        ]
+    if len(precisions) == 2:
+        figures.append(
+            row(
+                "s/epoch bf16-mixed / 32-true (this CPU's bf16)",
+                [ours_one["bf16-mixed"][m]["seconds_per_epoch"] / ours_one["32-true"][m]["seconds_per_epoch"] for m in MODES],
+                None,
+                "",
+            )
+        )
+    figures += [
         row(
             "trial start -> first step, median s",
             pick(ours_search, "startup_seconds_median"),

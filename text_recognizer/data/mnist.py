@@ -104,8 +104,13 @@ class MNIST(BaseDataModule):
 
     @classmethod
     def load_arrays(cls, data_dir: Path) -> Arrays:
-        """Decode the IDX files once, normalize once, split 55,000 / 5,000 with a fixed seed."""
+        """Check the IDX files, then decode them once, normalize once, split 55,000 / 5,000 with a fixed seed."""
         cls.ensure_raw_files(data_dir)
+        return cls.decode_arrays(data_dir)
+
+    @classmethod
+    def decode_arrays(cls, data_dir: Path) -> Arrays:
+        """load_arrays without the checks, for files ensure_raw_files has checked (the search decodes while Ray starts)."""
         arrays: Arrays = {}
         for train in (True, False):
             dataset = cls.dataset_class(str(data_dir), train=train, download=False)

@@ -9,6 +9,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,12 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run or resume a search; writes summary.json and trials.csv, logs the W&B summary, returns the summary."""
     spec = describe(argv)  # 1. flags + config -> one frozen description; bad input stops here
     check_installed(spec.wandb_mode)  #    W&B, unless --wandb-mode disabled (then it is never imported)
-    arrays = load_data(spec)  # decoded once, before Ray: a missing or corrupt file is a one-line error
+    arrays = load_data(spec)  # checked now (a missing or corrupt file is a one-line error), decoded while Ray starts
     preemption = Preemption()  # SIGTERM, from ray.init on: ends the search as Ctrl-C does (exit 143)
     with ray_cluster(spec.address) as nodes, preemption.catching():  # 2. start or join Ray
         spec = spec.fitted_to(nodes)
         storage.check_every_node_sees(spec.where)  # on a cluster: refuse a folder that only this node has
-        data = put_data(arrays)  # the dataset goes into Ray's object store once; the driver drops its copy
+        data = put_data(arrays.result())  # the dataset goes into Ray's object store once; the driver drops its copy
         grid, clock, wall_seconds, sweep_id = fit(spec, data, [preemption])  # 3. build the Tuner and fit it
         rows, best = collect(grid, spec, clock.ready, budget_spent(spec, wall_seconds))  # 4. the trials, from the ResultGrid
         best = local_winner(spec, test_winner(spec, best, data, rows))
@@ -60,9 +61,11 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary["checkpoints_kept"] = kept  # a finished search keeps its best trials' only (--keep-checkpoints); None: all
         summary["preempted"] = preemption.received  # SIGTERM came: an interrupted search exits 143, not 130
     write_results(summary, spec.folder)  # 5. summary.json, trials.csv and
-    write_report(spec.folder, summary)  #    report/report.html
-    if spec.wandb_mode != "disabled" and not summary["interrupted"]:  # a resumed search logs it once, at its end
-        finish_search(spec, summary, summary["wandb"].get("sweep_id"))  # 6. the W&B summary run; the sweep stops
+    with ThreadPoolExecutor(1, thread_name_prefix="report") as pool:  # report/report.html, its figures drawn
+        report = pool.submit(write_report, spec.folder, summary)  #    while W&B logs the summary run
+        if spec.wandb_mode != "disabled" and not summary["interrupted"]:  # a resumed search logs it once, at its end
+            finish_search(spec, summary, summary["wandb"].get("sweep_id"))  # 6. the W&B summary run; the sweep stops
+        report.result()
     if spec.storage:  # the driver's own files beside Tune's: --resume, anywhere, needs only the URI
         storage.upload_driver_files(spec.folder, spec.storage)
     print_report(summary, spec.top)  # 7.
@@ -75,24 +78,33 @@ def budget_spent(spec: SearchSpec, wall_seconds: float) -> bool:
     return spec.config.time_budget is not None and wall_seconds >= spec.config.time_budget
 
 
-def load_data(spec: SearchSpec) -> dict[str, Any]:
-    """The search's dataset, decoded and normalized: numpy arrays keyed x_train, y_train, ..."""
+def load_data(spec: SearchSpec) -> Future:
+    """The search's dataset: its files checked here (a missing or corrupt one is a UserError), then decoded and
+    normalized in a thread, while Ray starts; the future's result: numpy arrays keyed x_train, y_train, ..."""
     data_class = DATA_CLASSES[spec.config.fixed.get("data_class", DATA_CLASS)]
-    data_dir = spec.config.fixed.get("data_dir")
-    return data_class.load_arrays(Path(data_dir) if data_dir else data_class(None).data_dir)
+    data_dir = Path(spec.config.fixed["data_dir"]) if spec.config.fixed.get("data_dir") else data_class(None).data_dir
+    data_class.ensure_raw_files(data_dir)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
+    decoding = pool.submit(data_class.decode_arrays, data_dir)
+    pool.shutdown(wait=False)  # the thread ends with the decoding
+    return decoding
 
 
 def test_winner(spec: SearchSpec, best: dict | None, data: ray.ObjectRef, rows: list[dict]) -> dict | None:
-    """The best trial (chosen on val) with its checkpoint's test_acc and test_loss, evaluated once, in a Ray worker
-    with a trial's resources, at the end of a finished search."""
+    """The best trial (chosen on val) with its checkpoint's test_acc and test_loss, evaluated once, at the end of a
+    finished search, in the precision it trained in.
+
+    In the driver, which has imported torch and Lightning already (for the run flags) and has every CPU to itself
+    once the trials are done: a fresh Ray worker spent seconds importing them again (3 of a smoke search's 17 s
+    outside the fit). The checkpoint is read where Tune stored it (a folder, or a URI through a local copy)."""
     if best is None or not search_ended(rows):
         return best
-    cpus, gpus = spec.resources
-    # where Tune stored it (a folder or a URI): the worker, on any node, reads it from there
+    from text_recognizer.search import trial_process  # imported already: the run flags need Lightning
+
     checkpoint = tune.Checkpoint(os.path.dirname(best["checkpoint"]), filesystem=tune_storage(spec).get("storage_filesystem"))
-    evaluate = ray.remote(num_cpus=cpus, num_gpus=gpus)(tune_actor.test_winner)
-    config = with_precision(best["config"], best.get("precision"))  # tested in the precision it trained in
-    return {**best, **ray.get(evaluate.remote(config, checkpoint, data))}
+    config = with_precision(best["config"], best.get("precision"))
+    with checkpoint.as_directory() as directory:
+        return {**best, **trial_process.test_winner(config, os.path.join(directory, CHECKPOINT_NAME), ray.get(data))}
 
 
 def local_winner(spec: SearchSpec, best: dict | None) -> dict | None:

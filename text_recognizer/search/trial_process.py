@@ -55,6 +55,14 @@ class ReportCallback(EpochTimer, Checkpoint):
         self.where = {**(where or {}), "package_dir": os.path.dirname(text_recognizer.__file__)}
         # every epoch's metrics so far, restored with the checkpoint; the first report after a restore carries them
         self.history, self.restored = list(history or []), list(history or [])
+        # where an epoch's wall time goes besides its training steps (benchmarks/run.py prints the split)
+        self.validation_start, self.validation_seconds, self.report_seconds = 0.0, 0.0, 0.0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validation_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validation_seconds = time.perf_counter() - self.validation_start
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.data_copied = data_copied(self.arrays, trainer.datamodule.tensors)  # set up by now
@@ -78,15 +86,23 @@ class ReportCallback(EpochTimer, Checkpoint):
             gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
             **self.where,
         )
+        began = time.perf_counter()
         directory = tempfile.mkdtemp(prefix="trial-ckpt-")
         # all of the trainer's state, not only the weights: a trial resumes from it
         trainer.save_checkpoint(os.path.join(directory, CHECKPOINT_NAME), weights_only=False)
+        metrics.update(
+            validation_seconds=self.validation_seconds,
+            checkpoint_seconds=time.perf_counter() - began,
+            previous_report_seconds=self.report_seconds,  # handing the last epoch to Tune, until Tune took it
+        )
         self.history.append(dict(metrics))
         save_history(self.history, directory)
         # the first report after a restore carries the epochs its checkpoint holds, for any Tune never delivered;
         # every report has the key (empty), so that Tune's progress.csv keeps one set of columns
         metrics["restored_history"], self.restored = self.restored, []
+        began = time.perf_counter()
         self.report(metrics, directory)
+        self.report_seconds = time.perf_counter() - began
 
 
 def save_history(history: list[dict[str, Any]], directory: str) -> None:

@@ -21,7 +21,6 @@ from typing import Any
 import ray
 from ray import tune
 
-from text_recognizer.facts import CHECKPOINT_NAME
 from text_recognizer.search import checkpoints, forkserver
 
 # what the fork server runs, by name, and imports once before it forks (torch, Lightning, the package)
@@ -104,12 +103,3 @@ def train_in_fork(config: dict[str, Any], arrays: dict[str, Any] | None = None, 
                 report(message["metrics"], message["checkpoint"])  # leaving the `with` early kills the trial process
                 trial.go_on()
     sys.stdout.flush()
-
-
-def test_winner(config: dict[str, Any], checkpoint: tune.Checkpoint, arrays: dict[str, Any]) -> dict[str, float]:
-    """A Ray task: the test metrics of the winner's checkpoint, read wherever Tune stored it (a folder every node
-    sees, or a URI: then a local copy for the length of the test)."""
-    from text_recognizer.search import trial_process  # torch and Lightning: here, not in a fork-mode actor
-
-    with checkpoint.as_directory() as directory:
-        return trial_process.test_winner(config, os.path.join(directory, CHECKPOINT_NAME), arrays)
