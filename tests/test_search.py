@@ -19,7 +19,7 @@ from conftest import ROOT, TRIAL_PROCESSES, finish, results, summary_of
 from text_recognizer.data import FashionMNIST
 from text_recognizer.search.sweep import prior_run_ids, sync_command
 from text_recognizer.search.wandb_files import offline_runs
-from text_recognizer.training import fit_and_test, parse_args
+from text_recognizer.training import fit_and_test, parse_args, resolve_precision
 
 pytestmark = pytest.mark.slow  # minutes: real Ray searches
 
@@ -92,6 +92,7 @@ def test_wandb_offline_runs_read_back(search: tuple[Path, dict, str]) -> None:
         assert run.group == "e2e" and run.job_type == "trial" and run.name == f"trial_{trial_id}"
         assert [h["epoch"] for h in run.history] == list(range(1, row["epochs"] + 1))
         assert run.config["fc1"] == row["config"]["fc1"] and run.config["search"]["metric"] == "val_acc"
+        assert run.config["precision"] == row["precision"]  # as the trial's node resolved --precision auto
         assert run.summary["epochs_trained"] == row["epochs"]
         assert run.summary["stopped_by_asha"] == (row["status"] == "stopped_early")
         assert run.summary["best_val_acc"] == pytest.approx(row["best_val_acc"])
@@ -159,6 +160,17 @@ def test_the_winner_is_tested_once_and_agrees_with_run_experiment(search: tuple,
         [*replay, f"--load_checkpoint={best['checkpoint']}", "--limit_train_batches=0"], fashion_dir, tmp_path
     )
     assert f"test_acc={best['test_acc']:.4f}" in stdout
+
+
+def test_every_trial_trained_in_the_precision_auto_resolves_to_here_and_replays_in_it(search: tuple) -> None:
+    """--precision auto, the default: bf16-mixed on a CPU with native bf16 (this machine's), else 32-true; each row,
+    trials.csv and the replay commands (the winner's too) name it, so a replay trains as the trial did."""
+    search_dir, summary, _ = search
+    here = resolve_precision("auto", gpu=False)
+    table = pd.read_csv(search_dir / "trials.csv")
+    assert {row["precision"] for row in summary["trials"]} == {here} and set(table["precision"]) == {here}
+    assert all(f"--precision={here}" in row["replay"] for row in summary["trials"])
+    assert summary["best"]["precision"] == here and f"--precision={here}" in summary["best"]["replay"]
 
 
 def test_any_trial_replays_as_a_single_run(search: tuple, fashion_dir: Path, tmp_path: Path) -> None:
