@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -240,6 +241,19 @@ def recipe(
     }
 
 
+def smoke_outside_fit(storage: Path, data_dir: Path, name: str, wandb_mode: str) -> dict[str, float]:
+    """A smoke search (--smoke-test) as a user runs it, in its own process and Ray cluster: its wall time from start
+    to exit, Tune's fit (summary.json's wall_seconds) and the rest, outside the fit: imports, data, Ray's start and
+    shutdown, the winner's test, the results, the report, the W&B summary run."""
+    command = [sys.executable, str(HERE.parent / "search" / "tune_mlp.py"), "--smoke-test", "--quiet", "--name", name]
+    command += ["--storage-path", str(storage), f"--data_dir={data_dir}", "--wandb-mode", wandb_mode]
+    began = time.time()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "RAY_ADDRESS": ""})
+    wall = time.time() - began
+    fit = json.loads((storage / name / "summary.json").read_text())["wall_seconds"]
+    return {"wall_seconds": wall, "fit_seconds": fit, "outside_fit_seconds": wall - fit}
+
+
 def _trial_results(search_dir: Path) -> dict[str, list[dict]]:
     return {path.parent.name: [json.loads(line) for line in path.open()] for path in search_dir.glob("*/result.json")}
 
@@ -267,8 +281,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     FashionMNIST.ensure_raw_files(data_dir)
     arrays = FashionMNIST.load_arrays(data_dir)
     storage = Path(tempfile.mkdtemp(prefix="bench-"))
+    # first, before this process starts Ray: smoke searches in their own processes, W&B offline and disabled
+    smoke = {mode: smoke_outside_fit(storage, data_dir, f"smoke-{mode}", mode) for mode in ("offline", "disabled")}
+    for mode, figures in smoke.items():
+        print(f"  smoke search, W&B {mode}: {figures['wall_seconds']:.1f} s, fit {figures['fit_seconds']:.1f} s", flush=True)
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    print(f"benchmark ({label}) on {platform.node()}: {args.cpus} CPUs, torch {torch.__version__}, storage {storage}")
+    print(
+        f"benchmark ({label}) on {platform.node()}: {args.cpus} CPUs ({cpu_model()}, native bf16: {native_bf16(gpu=False)}), "
+        f"torch {torch.__version__}, storage {storage}"
+    )
 
     # per-epoch: the default MLP, one trial of 4 epochs alone on the cluster, vs the plain loop (1 thread each) in the
     # same precision, which runs before and after ours (their mean: this machine's speed drifts by ~10 % over minutes)
@@ -366,18 +387,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "mode": label,
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.node()} {args.cpus} CPUs",
+        "machine": f"{platform.node()} {args.cpus} CPUs, {cpu_model()}",
+        "native_bf16_cpu": native_bf16(gpu=False),
         "torch": torch.__version__,
         "plain_loop_seconds_per_epoch": plain,
         "per_epoch": {"ours": ours_one, "recipe": recipe_one},
         "search": {"ours": ours_search, "recipe": recipe_search},
         "figures": figures,
     }
+    for mode, figures_ in smoke.items():
+        print(
+            f"smoke search (W&B {mode}): {figures_['wall_seconds']:.1f} s start to exit, "
+            f"Tune's fit {figures_['fit_seconds']:.1f} s, "
+            f"outside the fit {figures_['outside_fit_seconds']:.1f} s (target <= 8)"
+        )
+    result["smoke"] = smoke
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {path}")
     return result
+
+
+def cpu_model() -> str:
+    """The CPU's model name (the bf16 figures depend on it), from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            return next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
 
 
 def row(figure: str, ours: list[float | None], recipe: float | None, target: str) -> dict[str, Any]:
