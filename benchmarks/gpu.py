@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if left is not None and left < EXPECTED_SECONDS[kind]:
             row["skipped"] = f"skipped: {left:.0f} s of the budget left, expected {EXPECTED_SECONDS[kind]} s"
         else:
-            name = f"{kind}-{mode}-{per_gpu}"
+            name = f"{kind}-{mode}-{per_gpu}-{row['precision']}"
             try:
                 row.update(search(storage, name, data_dir, samples, max_t, extra, mode))
             except (Exception, SystemExit) as error:  # one failed step is a row; the others still run
