@@ -19,7 +19,7 @@ SEARCH_FILE = "search.json"  # the resolved description of a search, so --resume
 FINAL_STATUSES = ("completed", "stopped_early", "diverged", "error", "stopped_by_budget", "not_started")
 RUN_SCRIPT = "training/run_experiment.py"
 SEARCH_SCRIPT = "search/tune_mlp.py"
-REPORT_PAGE = Path("report") / "report.html"
+REPORT_PAGE = Path("report") / "report.html"  # a search's offline report, inside its folder
 # md5 of Fashion-MNIST's decompressed files (Debian recompressed the .gz files: only the decompressed bytes can be
 # checked); here so that the data class and the GPU kit's carry builder (no torch) check the same bytes
 FASHION_MNIST_MD5 = {
@@ -27,7 +27,7 @@ FASHION_MNIST_MD5 = {
     "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-}  # a search's offline report, inside its folder
+}
 _ROOT = Path(__file__).resolve().parents[1]
 # the repository when the package runs from a checkout (editable install), else None (installed in site-packages)
 CHECKOUT = _ROOT if (_ROOT / "pyproject.toml").is_file() and (_ROOT / SEARCH_SCRIPT).is_file() else None

@@ -41,7 +41,7 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model of a checkpoint (in eval mode) and its data config (input dims, class names, normalization)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix
+    except Exception as error:  # any unreadable file is the user's to fix
         raise UserError(f"--checkpoint {path}: not a checkpoint ({type(error).__name__})") from None
     run_args, data_config = checkpoint.get("run_args"), checkpoint.get("data_config")
     if not isinstance(run_args, dict) or not data_config or run_args.get("model_class") not in MODEL_CLASSES:

@@ -77,9 +77,6 @@ class SearchConfig:
         """The search settings (no search space), for W&B configs and summary.json."""
         return {k: v for k, v in asdict(self).items() if k not in ("space", "fixed")}
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 TOP_LEVEL = {
     "metric": str,

@@ -107,8 +107,8 @@ def plot_parallel(summary: dict[str, Any], path: Path) -> None:
     for param in params:
         values, ticks, log = numeric_axis([row["config"].get(param) for row in rows], summary["space"][param])
         values = np.log10(values) if log else values
-        finite = values[np.isfinite(values)]
-        low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+        present = values[np.isfinite(values)]
+        low, high = (present.min(), present.max()) if len(present) else (0.0, 1.0)
         columns.append((values - low) / (high - low or 1))
         labels.append(ticks or [f"{10**low:.2g}" if log else f"{low:.3g}", f"{10**high:.2g}" if log else f"{high:.3g}"])
     low, high = (metric_values.min(), metric_values.max()) if len(metric_values) else (0, 1)
