@@ -74,7 +74,11 @@ def sync(argv: Sequence[str]) -> dict[str, Any]:
     if not saved_file.is_file() or not list(args.folder.glob("wandb/offline-run-*")):
         fail(f"tune_mlp.py sync: error: {args.folder}: no search with offline W&B runs there")
     saved = json.loads(saved_file.read_text())
-    sweep_id = sync_search(args.folder, args.folder.name, SearchConfig(**saved["config"]), saved["wandb_project"])
+    try:
+        check_versions()
+        sweep_id = sync_search(args.folder, args.folder.name, SearchConfig(**saved["config"]), saved["wandb_project"])
+    except UserError as error:
+        fail(f"tune_mlp.py sync: error: {error}")
     return {"sweep_id": sweep_id}
 
 

@@ -55,7 +55,7 @@ def resume_command(name: str, storage: str) -> str:
     return shlex.join(["python", SEARCH_SCRIPT, "--resume", "--name", name, "--storage-path", storage])
 
 
-def sync_command(folder: str) -> str:
+def search_sync_command(folder: str) -> str:
     """The command line that uploads an offline search's W&B runs and makes them a sweep."""
     return shlex.join(["python", SEARCH_SCRIPT, "sync", folder])
 

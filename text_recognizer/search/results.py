@@ -23,7 +23,7 @@ from text_recognizer.facts import (
     replay_command,
     resume_command,
     search_ended,
-    sync_command,
+    search_sync_command,
     trial_status,
 )
 from text_recognizer.search.spec import SearchSpec
@@ -179,7 +179,7 @@ def summarize(
         "report": str(spec.folder / REPORT_PAGE),
     }
     if spec.wandb_mode == "offline" and not interrupted:  # uploads the runs, then makes them a sweep
-        summary["wandb"]["sync_command"] = sync_command(str(spec.folder))
+        summary["wandb"]["sync_command"] = search_sync_command(str(spec.folder))
     if interrupted:
         summary["resume_command"] = resume_command(spec.name, spec.where)
     return summary
