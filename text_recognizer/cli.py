@@ -43,7 +43,9 @@ def tune_mlp(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except UserError as error:
         fail(f"tune_mlp.py: error: {error}")
     if summary["interrupted"]:  # the state is saved for --resume
-        raise SystemExit(143 if summary.get("preempted") else 130)  # as a program stopped by SIGTERM, or by Ctrl-C
+        from text_recognizer.search.preemption import CTRL_C_STATUS, EXIT_STATUS
+
+        raise SystemExit(EXIT_STATUS if summary.get("preempted") else CTRL_C_STATUS)
     return summary
 
 

@@ -109,12 +109,18 @@ def weights_only(checkpoint: tune.Checkpoint) -> bool:
     return True
 
 
-def tracked(trial: Any) -> tuple[tune.Checkpoint | None, tune.Checkpoint | None]:
-    """The trial's best checkpoint by the search's metric and its newest, as Tune's checkpoint manager keeps them.
-    Tune has no public accessor for the best one of a running search's trial: this is the one place that reads it
-    (tests/test_reliability.py checks what it leads to, so a Ray release that moves it fails there)."""
+def tracked_results(trial: Any) -> tuple[Any, Any]:
+    """The trial's best result with a checkpoint, by the search's metric, and its newest (each with .checkpoint and
+    .metrics, or None), as Tune's checkpoint manager keeps them. Tune has no public accessor for them while a search
+    runs: this is the one place that reads them (tests/test_reliability.py checks what it leads to, so a Ray
+    release that moves them fails there)."""
     manager = trial.run_metadata.checkpoint_manager
-    best, latest = manager.best_checkpoint_result, manager.latest_checkpoint_result
+    return manager.best_checkpoint_result, manager.latest_checkpoint_result
+
+
+def tracked(trial: Any) -> tuple[tune.Checkpoint | None, tune.Checkpoint | None]:
+    """The trial's best checkpoint by the search's metric and its newest (tracked_results' checkpoints)."""
+    best, latest = tracked_results(trial)
     return (best.checkpoint if best else None), (latest.checkpoint if latest else None)
 
 

@@ -120,7 +120,8 @@ def build_search_parser() -> Parser:
     """The search's own flags; any other --flag=value is a run flag fixed for every trial."""
     parser = Parser(
         prog="tune_mlp.py",
-        description="Random search with ASHA early stopping over run_experiment.py flags, on a Ray cluster, "
+        description="A search (random, or Optuna's TPE: the config's search_alg) with ASHA early stopping over "
+        "run_experiment.py flags, on a Ray cluster, "
         "with every trial logged to W&B. Run flags given here (e.g. --data_class=FashionMNIST) are fixed "
         "for every trial and win over the config.",
     )

@@ -21,6 +21,7 @@ from ray import tune
 
 from text_recognizer.facts import trial_status, wandb_run_id
 from text_recognizer.search import sweep
+from text_recognizer.search.checkpoints import tracked_results
 from text_recognizer.search.spec import SearchSpec
 from text_recognizer.util import UserError
 
@@ -120,7 +121,7 @@ class WandbTrialCallback(tune.Callback):
         for folder in sorted(self.spec.folder.glob(f"wandb/offline-run-*-{identifier}")):
             superseded.mkdir(parents=True, exist_ok=True)
             folder.rename(superseded / folder.name)
-        latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+        _, latest = tracked_results(trial)
         results = Path(trial.path) / "result.json"
         if latest is None or not results.is_file():
             return []
