@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from text_recognizer.facts import SEARCH_FILE, WANDB_PROJECT
+from text_recognizer.facts import SEARCH_FILE, TUNE_STATE_FILE, WANDB_PROJECT
 from text_recognizer.search import storage as stored
 from text_recognizer.search.config import (
     DEFAULT_CONFIG,
@@ -287,11 +287,11 @@ def saved_search(folder: Path, uri: str | None) -> dict[str, Any]:
     """The saved record of the search in `folder` or, with a URI, stored under the URI (the local copy when there
     is one: the driver writes it first); UserError when there is no such search."""
     if uri is None:
-        if not (folder / SEARCH_FILE).is_file() or not (folder / "tuner.pkl").is_file():
+        if not (folder / SEARCH_FILE).is_file() or not (folder / TUNE_STATE_FILE).is_file():
             raise UserError(f"--resume: no search named {folder.name!r} in {folder.parent}")
         return json.loads((folder / SEARCH_FILE).read_text())
     try:
-        if not stored.stored(uri, folder.name, SEARCH_FILE, "tuner.pkl"):
+        if not stored.stored(uri, folder.name, SEARCH_FILE, TUNE_STATE_FILE):
             raise UserError(f"--resume: no search named {folder.name!r} in {uri}")
         local = folder / SEARCH_FILE
         return json.loads(local.read_text() if local.is_file() else stored.read_text(uri, folder.name, SEARCH_FILE))
