@@ -29,7 +29,7 @@ from text_recognizer.facts import (
     search_sync_command,
     trial_status,
 )
-from text_recognizer.search.spec import SearchSpec
+from text_recognizer.search.spec import TOP_TRIALS, SearchSpec
 
 FINAL_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
 ERROR_FILE = "error.txt"  # Tune appends "Failure # N" to it in the trial's folder at every failure
@@ -216,7 +216,7 @@ def ranked(summary: dict[str, Any]) -> list[dict[str, Any]]:
     )
 
 
-def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdout) -> None:
+def print_report(summary: dict[str, Any], top: int = TOP_TRIALS, file: TextIO = sys.stdout) -> None:
     """The ranked table of the best trials, the replay command and the W&B sync (or resume) command."""
     key = f"best_{summary['settings']['metric']}"
     searched = list(summary["space"])

@@ -41,6 +41,7 @@ TRIALS_PER_GPU = 4  # small models leave most of a GPU idle: pack four trials on
 KEEP_CHECKPOINTS = 3
 MAX_FAILURES = 2  # retries of a trial whose worker died, each from its newest checkpoint
 TRIAL_PROCESSES = ("actor", "fork")  # where a trial trains: its Tune actor (Ray's way), or a fork server's child
+TOP_TRIALS = 5  # rows of the final table
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -64,7 +65,7 @@ class SearchSpec:
     max_failures: int = MAX_FAILURES
     keep_checkpoints: int = KEEP_CHECKPOINTS
     max_concurrent: int | None = None
-    top: int = 5
+    top: int = TOP_TRIALS
     output: str = "progress"  # progress (a line per finished trial, a status line), tune (Tune's own), quiet
 
     @property
@@ -165,7 +166,7 @@ def build_search_parser() -> Parser:
         help="default: online with credentials, else offline",
     )
     add("--smoke-test", action="store_true", help=f"a seconds-long search: the shipped {SMOKE_CONFIG.stem} config")
-    add("--top", type=int, default=5, help="trials shown in the final table (default 5)")
+    add("--top", type=int, default=TOP_TRIALS, help=f"trials shown in the final table (default {TOP_TRIALS})")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--verbose", action="store_true", help="Tune's own full output instead of our progress lines")
     output.add_argument("--quiet", action="store_true", help="print only the final report")
