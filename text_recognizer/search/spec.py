@@ -170,7 +170,26 @@ def build_search_parser() -> Parser:
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--verbose", action="store_true", help="Tune's own full output instead of our progress lines")
     output.add_argument("--quiet", action="store_true", help="print only the final report")
+    add_commands(parser)
     return parser
+
+
+def add_commands(parser: Parser) -> None:
+    """`tune_mlp.py report FOLDER` and `tune_mlp.py sync FOLDER`: what is done with a search folder afterwards."""
+    commands = parser.add_subparsers(dest="command", title="commands (instead of a search)", metavar="{report,sync}")
+    folder_help = "a search folder (<storage-path>/<name>)"
+    report = commands.add_parser(
+        "report",
+        help="(re)write a search's offline report, FOLDER/report/report.html, and print its path",
+        description="Write the offline report of a search folder: report/report.html and its PNGs.",
+    )
+    report.add_argument("folder", type=Path, help=folder_help)
+    sync = commands.add_parser(
+        "sync",
+        help="upload a search's offline W&B runs, then make them one W&B sweep",
+        description="Upload a search's offline W&B runs (wandb sync), then create its W&B sweep from them.",
+    )
+    sync.add_argument("folder", type=Path, help=f"{folder_help} logged with --wandb-mode offline")
 
 
 def parse_run_overrides(flags: list[str]) -> dict[str, Any]:
@@ -362,6 +381,8 @@ def _spec(
 def describe(argv: Sequence[str] | None) -> SearchSpec:
     """Flags and config checked into one frozen SearchSpec; UserError for anything wrong. Needs no Ray, no data."""
     args, rest = build_search_parser().parse_known_args(argv)
+    if args.command:
+        raise UserError(f"{args.command} is a command of its own: run tune_mlp.py {args.command} FOLDER")
     args.address = args.address or os.environ.get("RAY_ADDRESS") or None  # read once: the flag, else Ray's variable
     overrides = parse_run_overrides(rest)
     check_numbers(args)
