@@ -53,6 +53,6 @@ def test_the_default_search_runs_from_a_wheel_outside_the_repo(tmp_path: Path, f
     assert f"from {site}" in result.stdout and "checkout None" in result.stdout  # the wheel's code, not the checkout's
     summary = json.loads((work / "logs" / "search" / "s" / "summary.json").read_text())
     assert summary["num_trials"] == 4 and summary["settings"]["path"].startswith(str(site))
-    # with no --config, the default is the shipped one: its name is in the refusal of a bad flag
+    # with no --config, the default is the shipped one: --help names it
     help_text = subprocess.run([sys.executable, "-c", code, "--help"], cwd=work, capture_output=True, text=True, env=env)
     assert "mlp_asha" in help_text.stdout

@@ -16,6 +16,7 @@ from text_recognizer.lit_models import BaseLitModel
 from text_recognizer.lit_models.base import OPTIMIZERS
 from text_recognizer.models import MLP
 from text_recognizer.training import parse_args
+from text_recognizer.training import test_checkpoint as evaluate  # not test_*: pytest would collect it
 
 DATA_CONFIG = {"input_dims": (1, 28, 28), "output_dims": (1,), "mapping": list(range(10))}
 
@@ -152,9 +153,12 @@ def test_checkpoint_loads_with_weights_only(tiny_data_dir: Path, tmp_path: Path)
     assert run_args["fc1"] == 16 and run_args["fc2"] == 8 and run_args["data_class"] == "MNIST"
     assert all(isinstance(v, (str, int, float, bool, type(None))) for v in run_args.values())
     assert checkpoint["state_dict"]["model.fc1.weight"].shape == (16, 784)
-    # the checkpoint starts a new run through --load_checkpoint
-    metrics = run_experiment([*argv, f"--load_checkpoint={path}"])
-    assert metrics["test_acc"] >= 0
+    # --load_checkpoint starts from the checkpoint's weights: tested without training, they score what the run's
+    # test of its best checkpoint scored (freshly initialised weights would not)
+    loaded = evaluate(parse_args([*argv, f"--load_checkpoint={path}"]))
+    assert loaded["test_acc"] == pytest.approx(metrics["test_acc"]) and loaded["test_loss"] == pytest.approx(metrics["test_loss"])
+    fresh = evaluate(parse_args([*argv, "--seed=7"]))
+    assert fresh["test_loss"] != pytest.approx(metrics["test_loss"])
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "one_cycle"])

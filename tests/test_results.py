@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from ray.tune import Checkpoint, Result
 
-from text_recognizer.facts import trial_status
+from text_recognizer.facts import TrialStatus, search_ended, trial_status
 from text_recognizer.search.config import load_config
 from text_recognizer.search.results import collect, summarize, write_results
 from text_recognizer.search.spec import SearchSpec
@@ -29,6 +29,18 @@ STATUSES = [
 @pytest.mark.parametrize(("last", "max_t", "error", "outcome"), [s[1:] for s in STATUSES], ids=[s[0] for s in STATUSES])
 def test_trial_status(last: dict, max_t: int, error: bool, outcome: str) -> None:
     assert trial_status(last, max_t, error=error) == outcome
+
+
+def test_a_status_is_the_same_string_in_json_csv_and_sets(tmp_path: Path) -> None:
+    """TrialStatus members are written as their plain strings, and a string read back finds its member in a set."""
+    status = trial_status({"training_iteration": 5, "done": True}, 5)
+    assert json.dumps({"status": status}) == '{"status": "completed"}' and f"{status:<10}|" == "completed |"
+    pd.DataFrame([{"status": status}]).to_csv(tmp_path / "t.csv", index=False)
+    assert (tmp_path / "t.csv").read_text().splitlines() == ["status", "completed"]
+    read_back = json.loads(json.dumps({"status": status}))["status"]
+    assert type(read_back) is str and read_back in TrialStatus.FINAL and read_back in TrialStatus.RANKED
+    assert not search_ended([{"status": "completed"}, {"status": "interrupted"}]) and search_ended([{"status": "error"}])
+    assert TrialStatus.FINAL == set(TrialStatus) - {"interrupted", "pending"}
 
 
 def spec_for(tmp_path: Path, metric: str = "val_acc", mode: str = "max") -> SearchSpec:

@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, TRIAL_PROCESSES, finish, results, summary_of
 
 from text_recognizer.data import FashionMNIST
-from text_recognizer.search.sweep import prior_run_ids, sync_command
+from text_recognizer.search.sweep import prior_run_ids, wandb_sync_argv
 from text_recognizer.search.wandb_files import offline_runs
 from text_recognizer.training import fit_and_test, parse_args, resolve_precision
 
@@ -133,7 +133,7 @@ def test_printed_report_and_replay_command_runs(search: tuple[Path, dict, str], 
     assert summary["wandb"]["sync_command"] == f"python search/tune_mlp.py sync {search_dir}"
     assert summary["wandb"]["sync_command"] in stdout
     # what that command runs first is one the installed wandb CLI accepts, and it names every run once
-    command = sync_command(search_dir)
+    command = wandb_sync_argv(search_dir)
     dry = subprocess.run([*command[:2], "--dry-run", *command[2:]], capture_output=True, text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert len(re.findall(r"\.wandb$", dry.stdout + dry.stderr, re.M)) == 7  # 6 trials and the summary run

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import textwrap
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from conftest import ROOT
 from ray import tune
 from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
 from text_recognizer.facts import config_to_argv
-from text_recognizer.search.config import CONFIGS_DIR, load_config
+from text_recognizer.search.config import CONFIGS_DIR, SearchConfig, load_config
+from text_recognizer.search.spec import build_search_parser
 from text_recognizer.training import build_parser, parse_args
 from text_recognizer.util import UserError
 
@@ -253,3 +257,29 @@ def test_optuna_maps_every_other_sampler(tmp_path: Path) -> None:
     distributions = OptunaSearch.convert_search_space(space)
     assert sorted(distributions) == ["dropout", "fc1", "fc2", "lr"]
     assert distributions["lr"].log and distributions["fc2"].high == 8  # randint's high is exclusive
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_configs_hold_only_what_differs_from_the_defaults(path: Path) -> None:
+    """A shipped config that restates a default hides what it chose: every setting it writes differs from
+    SearchConfig's default, and every fixed run flag from run_experiment.py's."""
+    raw = yaml.safe_load(path.read_text())
+    defaults = {field.name: field.default for field in fields(SearchConfig)}
+    written = {**{k: v for k, v in raw.items() if k not in ("scheduler", "fixed", "space")}, **raw.get("scheduler", {})}
+    assert [key for key, value in written.items() if value == defaults[key]] == []
+    chosen = [f"--{key}={raw['fixed'][key]}" for key in ("data_class", "model_class") if key in raw.get("fixed", {})]
+    run_defaults = {**vars(parse_args(chosen)), **vars(parse_args([]))}  # the chosen classes' flags, the classes' defaults
+    assert [key for key, value in raw.get("fixed", {}).items() if value == run_defaults[key]] == []
+
+
+@pytest.mark.parametrize("path", [*SHIPPED, ROOT / "benchmarks" / "speed_config.yaml"], ids=lambda p: p.stem)
+def test_every_flag_a_shipped_config_uses_is_in_help(path: Path) -> None:
+    """Flags are documented once, by --help: every run flag a shipped config fixes or searches is in
+    run_experiment.py --help (for the classes it chooses), and every setting that has a search flag in tune_mlp.py's."""
+    raw = yaml.safe_load(path.read_text())
+    chosen = [f"--{key}={raw['fixed'][key]}" for key in ("data_class", "model_class") if key in raw.get("fixed", {})]
+    run_help, search_help = build_parser(chosen).format_help(), build_search_parser().format_help()
+    missing = [key for key in [*raw.get("fixed", {}), *raw["space"]] if f"--{key} " not in run_help]
+    settings = [key for key in ("num_samples", "search_alg", "time_budget") if key in raw]  # those with a search flag
+    missing += [key for key in settings if f"--{key.replace('_', '-')} " not in search_help]
+    assert missing == []

@@ -1,10 +1,14 @@
 """The W&B sweep of a search, as far as it goes without a W&B server: the sweep config, what each trial run carries,
-the prior-run ids and the sync command. create_sweep and stop_sweep (the server calls) are not run here."""
+the prior-run ids and the sync command. The server calls (create_sweep, stop_sweep, wandb sync) are not run against
+a server here: the failure paths run against a stand-in CLI that fails as one without a server does."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -12,9 +16,11 @@ import wandb
 
 from text_recognizer.search.config import load_config
 from text_recognizer.search.spec import SearchSpec
-from text_recognizer.search.sweep import prior_run_ids, sweep_config, sync_command
+from text_recognizer.search.sweep import prior_run_ids, stop_sweep, sweep_config, wandb_sync_argv
 from text_recognizer.search.wandb_files import offline_runs
 from text_recognizer.search.wandb_logging import WandbTrialCallback, init_run, run_settings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 YAML = """
 metric: val_loss
@@ -82,7 +88,7 @@ def test_prior_runs_and_the_sync_command_name_every_trial_run_once(tmp_path: Pat
     wandb.teardown()  # finish() can return before W&B's service wrote the last records: wait for it
     (folder / "wandb" / "superseded" / "offline-run-old-s-t1").mkdir(parents=True)  # a killed driver's, never synced
     assert prior_run_ids(folder) == ["s-t1", "s-t2"]  # the summary run is not a trial of the sweep
-    command = sync_command(folder)
+    command = wandb_sync_argv(folder)
     assert command[:2] == ["wandb", "sync"] and len(command) == 5
     dry = subprocess.run([command[0], command[1], "--dry-run", *command[2:]], capture_output=True, text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr[-2000:]
@@ -91,3 +97,42 @@ def test_prior_runs_and_the_sync_command_name_every_trial_run_once(tmp_path: Pat
         "s-t1",
         "s-t2",
     ]
+
+
+def test_an_optuna_search_is_a_bayes_sweep(config) -> None:
+    """W&B's sweep page names the method: Optuna's TPE is a Bayesian optimisation, "bayes" in W&B's words."""
+    assert sweep_config("s", replace(config, search_alg="optuna"))["method"] == "bayes"
+    assert sweep_config("s", replace(config, search_alg="random"))["method"] == "random"
+
+
+@pytest.fixture
+def failing_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `wandb` CLI that fails as one without a server does: no W&B server can be reached from here."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "wandb").write_text("#!/bin/sh\necho 'wandb: ERROR cannot reach the server' >&2\nexit 1\n")
+    (bin_dir / "wandb").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_a_failed_sweep_stop_is_a_one_line_warning(failing_wandb, capsys: pytest.CaptureFixture) -> None:
+    stop_sweep("abc123", "p")  # returns: the search's results are written by then
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sweep abc123 was not stopped (wandb: ERROR cannot reach the server)" in err
+    assert "wandb sweep --stop --project p abc123" in err
+
+
+def test_a_failed_upload_is_a_one_line_error(failing_wandb, tmp_path: Path, config) -> None:
+    """`sync FOLDER` whose wandb sync fails: exit 2 and one line of ours (no traceback), no sweep created."""
+    folder = tmp_path / "s"
+    (folder / "wandb" / "offline-run-1-s-t1").mkdir(parents=True)
+    (folder / "search.json").write_text(json.dumps({"config": asdict(config), "wandb_project": "p"}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "search/tune_mlp.py"), "sync", str(folder)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "tune_mlp.py sync: error: wandb sync failed (exit status 1): no sweep was created; fix the above and run sync again"
+    )

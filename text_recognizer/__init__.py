@@ -1,3 +1,8 @@
 """Handwritten character recognition with PyTorch Lightning, and a Ray Tune search around it."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("text-recognizer")  # pyproject.toml's, the one place it is written
+except PackageNotFoundError:  # running from a copied tree that was never installed
+    __version__ = "0+unknown"

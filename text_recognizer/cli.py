@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from text_recognizer.facts import SEARCH_FILE
-from text_recognizer.util import Parser, UserError, check_versions, fail
+from text_recognizer.util import UserError, check_versions, fail
 
 
 def run_experiment(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -28,13 +28,16 @@ def run_experiment(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def tune_mlp(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run (or resume) a search, returning the summary written to summary.json; or, with `report FOLDER`,
-    write a finished search's offline report."""
+    """Run (or resume) a search, returning the summary written to summary.json; or run one of its commands on a
+    search folder (`report FOLDER`, `sync FOLDER`: spec.add_commands)."""
+    from text_recognizer.search.spec import build_search_parser
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["report"]:
-        return report(argv[1:])
-    if argv[:1] == ["sync"]:
-        return sync(argv[1:])
+    args, rest = build_search_parser().parse_known_args(argv)
+    if args.command:
+        if rest:
+            fail(f"tune_mlp.py {args.command}: error: unrecognized arguments: {' '.join(rest)}")
+        return COMMANDS[args.command](args.folder)
     from text_recognizer.search.driver import run_search
 
     try:
@@ -43,39 +46,42 @@ def tune_mlp(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except UserError as error:
         fail(f"tune_mlp.py: error: {error}")
     if summary["interrupted"]:  # the state is saved for --resume
-        raise SystemExit(143 if summary.get("preempted") else 130)  # as a program stopped by SIGTERM, or by Ctrl-C
+        from text_recognizer.search.preemption import CTRL_C_STATUS, EXIT_STATUS
+
+        raise SystemExit(EXIT_STATUS if summary.get("preempted") else CTRL_C_STATUS)
     return summary
 
 
-def report(argv: Sequence[str]) -> dict[str, Any]:
+def report(folder: Path) -> dict[str, Any]:
     """`tune_mlp.py report FOLDER`: (re)write FOLDER/report/report.html and its PNGs; prints the page's path."""
-    parser = Parser(prog="tune_mlp.py report", description="Write the offline report of a search folder.")
-    parser.add_argument("folder", type=Path, help="a search folder (<storage-path>/<name>)")
-    args = parser.parse_args(argv)
     from text_recognizer.search.report import write_report
 
     try:
-        page = write_report(args.folder)
+        page = write_report(folder)
     except UserError as error:
         fail(f"tune_mlp.py report: error: {error}")
     print(page)
     return {"report": str(page)}
 
 
-def sync(argv: Sequence[str]) -> dict[str, Any]:
+def sync(folder: Path) -> dict[str, Any]:
     """`tune_mlp.py sync FOLDER`: upload an offline search's W&B runs, then create its W&B sweep from them."""
-    parser = Parser(prog="tune_mlp.py sync", description="Upload a search's offline W&B runs as one W&B sweep.")
-    parser.add_argument("folder", type=Path, help="a search folder (<storage-path>/<name>) logged with --wandb-mode offline")
-    args = parser.parse_args(argv)
     from text_recognizer.search.config import SearchConfig
     from text_recognizer.search.sweep import sync as sync_search
 
-    saved_file = args.folder / SEARCH_FILE
-    if not saved_file.is_file() or not list(args.folder.glob("wandb/offline-run-*")):
-        fail(f"tune_mlp.py sync: error: {args.folder}: no search with offline W&B runs there")
+    saved_file = folder / SEARCH_FILE
+    if not saved_file.is_file() or not list(folder.glob("wandb/offline-run-*")):
+        fail(f"tune_mlp.py sync: error: {folder}: no search with offline W&B runs there")
     saved = json.loads(saved_file.read_text())
-    sweep_id = sync_search(args.folder, args.folder.name, SearchConfig(**saved["config"]), saved["wandb_project"])
+    try:
+        check_versions()
+        sweep_id = sync_search(folder, folder.name, SearchConfig(**saved["config"]), saved["wandb_project"])
+    except UserError as error:
+        fail(f"tune_mlp.py sync: error: {error}")
     return {"sweep_id": sweep_id}
+
+
+COMMANDS = {"report": report, "sync": sync}
 
 
 # Console scripts exit with what their function returns: these return nothing, so success is exit status 0

@@ -6,6 +6,7 @@ the bottom of the import graph.
 
 from __future__ import annotations
 
+import enum
 import re
 import shlex
 from pathlib import Path
@@ -15,11 +16,12 @@ WANDB_PROJECT = "text-recognizer"  # the one default W&B project, of single runs
 CHECKPOINT_NAME = "model.ckpt"  # the file inside every Tune checkpoint folder of a trial
 HISTORY_NAME = "history.json"  # beside it: every epoch's metrics up to that checkpoint
 SEARCH_FILE = "search.json"  # the resolved description of a search, so --resume needs nothing else
-# how a trial of a search that ended ended; "interrupted" and "pending" trials are what --resume continues
-FINAL_STATUSES = ("completed", "stopped_early", "diverged", "error", "stopped_by_budget", "not_started")
+SUMMARY_FILE = "summary.json"  # a search's results, written at its end (and at every interruption)
+TUNE_STATE_FILE = "tuner.pkl"  # Tune's own record of a search (Tuner.restore needs it): its presence marks one
+TRIAL_PREFIX = "trial_"  # a trial's folder and name in Tune's storage: trial_<trial id>
 RUN_SCRIPT = "training/run_experiment.py"
 SEARCH_SCRIPT = "search/tune_mlp.py"
-REPORT_PAGE = Path("report") / "report.html"
+REPORT_PAGE = Path("report") / "report.html"  # a search's offline report, inside its folder
 # md5 of Fashion-MNIST's decompressed files (Debian recompressed the .gz files: only the decompressed bytes can be
 # checked); here so that the data class and the GPU kit's carry builder (no torch) check the same bytes
 FASHION_MNIST_MD5 = {
@@ -27,7 +29,7 @@ FASHION_MNIST_MD5 = {
     "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-}  # a search's offline report, inside its folder
+}
 _ROOT = Path(__file__).resolve().parents[1]
 # the repository when the package runs from a checkout (editable install), else None (installed in site-packages)
 CHECKOUT = _ROOT if (_ROOT / "pyproject.toml").is_file() and (_ROOT / SEARCH_SCRIPT).is_file() else None
@@ -60,12 +62,37 @@ def resume_command(name: str, storage: str) -> str:
     return shlex.join(["python", SEARCH_SCRIPT, "--resume", "--name", name, "--storage-path", storage])
 
 
-def sync_command(folder: str) -> str:
+def search_sync_command(folder: str) -> str:
     """The command line that uploads an offline search's W&B runs and makes them a sweep."""
     return shlex.join(["python", SEARCH_SCRIPT, "sync", folder])
 
 
-def trial_status(last: dict[str, Any], max_t: int, error: bool = False, budget_ended: bool = False) -> str:
+class TrialStatus(str, enum.Enum):
+    """How a trial ended, or why it has not: the strings summary.json, trials.csv and W&B show (a str enum, so they
+    stay the same strings, and a status read back from JSON compares equal to its member)."""
+
+    COMPLETED = "completed"  # ran max_t epochs
+    STOPPED_EARLY = "stopped_early"  # by ASHA, at a rung
+    DIVERGED = "diverged"  # a loss became NaN or infinite
+    ERROR = "error"  # failed, after its retries
+    STOPPED_BY_BUDGET = "stopped_by_budget"  # started, and the search's time budget ended it
+    NOT_STARTED = "not_started"  # the time budget ended the search before it started
+    INTERRUPTED = "interrupted"  # started, not finished: --resume continues it
+    PENDING = "pending"  # never started: --resume starts it
+
+    __hash__ = str.__hash__  # "completed" in a set of members, as a status read back from JSON is a plain string
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TrialStatus.FINAL = frozenset(set(TrialStatus) - {TrialStatus.INTERRUPTED, TrialStatus.PENDING})  # a search that ended
+TrialStatus.RANKED = frozenset({TrialStatus.COMPLETED, TrialStatus.STOPPED_EARLY, TrialStatus.STOPPED_BY_BUDGET})
+TrialStatus.BUDGET = frozenset({TrialStatus.STOPPED_BY_BUDGET, TrialStatus.NOT_STARTED})  # what a spent time budget does
+TrialStatus.FAILED = frozenset({TrialStatus.ERROR, TrialStatus.DIVERGED})  # no best checkpoint, never the winner
+
+
+def trial_status(last: dict[str, Any], max_t: int, error: bool = False, budget_ended: bool = False) -> TrialStatus:
     """A trial's outcome from its last result: completed (ran max_t epochs), stopped_early (by ASHA),
     diverged, error, interrupted (started, not finished) or pending (never started); when the search's time
     budget ended it, its unfinished trials are stopped_by_budget (started) or not_started.
@@ -73,19 +100,19 @@ def trial_status(last: dict[str, Any], max_t: int, error: bool = False, budget_e
     Tune marks the last result of a finished trial `done` (ASHA's stop included), so no Tune status is needed.
     """
     if error:
-        return "error"
+        return TrialStatus.ERROR
     if last.get("diverged"):
-        return "diverged"
+        return TrialStatus.DIVERGED
     if not last.get("training_iteration"):
-        return "not_started" if budget_ended else "pending"
+        return TrialStatus.NOT_STARTED if budget_ended else TrialStatus.PENDING
     if not last.get("done"):
-        return "stopped_by_budget" if budget_ended else "interrupted"
-    return "completed" if last["training_iteration"] >= max_t else "stopped_early"
+        return TrialStatus.STOPPED_BY_BUDGET if budget_ended else TrialStatus.INTERRUPTED
+    return TrialStatus.COMPLETED if last["training_iteration"] >= max_t else TrialStatus.STOPPED_EARLY
 
 
 def search_ended(rows: list[dict[str, Any]]) -> bool:
-    """Whether every trial of a search ended (FINAL_STATUSES): else it was interrupted, and --resume goes on."""
-    return all(row["status"] in FINAL_STATUSES for row in rows)
+    """Whether every trial of a search ended (TrialStatus.FINAL): else it was interrupted, and --resume goes on."""
+    return all(row["status"] in TrialStatus.FINAL for row in rows)
 
 
 def wandb_run_id(search_name: str, trial_id: str) -> str:

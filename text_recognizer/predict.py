@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from text_recognizer.facts import SUMMARY_FILE
 from text_recognizer.models import MODEL_CLASSES
 from text_recognizer.util import Parser, UserError, fail
 
@@ -25,9 +26,9 @@ from text_recognizer.util import Parser, UserError, fail
 def checkpoint_file(path: Path) -> Path:
     """The checkpoint a path means: the file itself, or a search folder's best checkpoint."""
     if path.is_dir():
-        summary = path / "summary.json"
+        summary = path / SUMMARY_FILE
         if not summary.is_file():
-            raise UserError(f"--checkpoint {path}: a folder must be a search folder (no summary.json in it)")
+            raise UserError(f"--checkpoint {path}: a folder must be a search folder (no {SUMMARY_FILE} in it)")
         best = json.loads(summary.read_text()).get("best")
         if not best:
             raise UserError(f"--checkpoint {path}: the search has no best trial")
@@ -41,7 +42,7 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model of a checkpoint (in eval mode) and its data config (input dims, class names, normalization)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix
+    except Exception as error:  # any unreadable file is the user's to fix
         raise UserError(f"--checkpoint {path}: not a checkpoint ({type(error).__name__})") from None
     run_args, data_config = checkpoint.get("run_args"), checkpoint.get("data_config")
     if not isinstance(run_args, dict) or not data_config or run_args.get("model_class") not in MODEL_CLASSES:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, requires, version
 from typing import NoReturn
 
-from packaging.version import Version
+from packaging.requirements import Requirement
 
-# Lightning and Ray change APIs between minor releases: fail early on a release we never ran.
-SUPPORTED = {"pytorch-lightning": ("2.6", "2.7"), "ray": ("2.60", "2.61"), "wandb": ("0.31", "0.32")}
+DISTRIBUTION = "text-recognizer"  # this package's name on PyPI: its metadata holds pyproject.toml's version ranges
 OPTIONAL = {"wandb"}  # may be missing (e.g. a GPU image without W&B): then only --wandb-mode disabled runs
 
 
@@ -31,17 +30,30 @@ def fail(message: str, status: int = 2) -> NoReturn:
     raise SystemExit(status)
 
 
+def supported() -> list[Requirement]:
+    """The runtime requirements with their version ranges, as pyproject.toml gives them (read from the installed
+    package's metadata, so there is one copy); none when the package runs uninstalled (e.g. a copied tree)."""
+    try:
+        lines = requires(DISTRIBUTION) or []
+    except PackageNotFoundError:
+        return []
+    found = [Requirement(line) for line in lines]
+    return [req for req in found if req.specifier and (req.marker is None or req.marker.evaluate({"extra": ""}))]
+
+
 def check_versions() -> None:
-    """Raise UserError when an installed Lightning, Ray or W&B release is outside the tested range."""
-    for package, (low, high) in SUPPORTED.items():
+    """Raise UserError when an installed dependency is outside pyproject.toml's range: Lightning and Ray change APIs
+    between minor releases, so fail early on a release we never ran."""
+    for requirement in supported():
+        package, wanted = requirement.name, f"{requirement.name}{requirement.specifier}"
         try:
-            installed = Version(version(package))
+            installed = version(package)
         except PackageNotFoundError:
             if package in OPTIONAL:
                 continue  # checked where it is used (a search with --wandb-mode disabled never imports W&B)
-            raise UserError(f"{package} is not installed: install >={low},<{high} (pip install -e .)") from None
-        if not Version(low) <= installed < Version(high):
-            raise UserError(f"{package} {installed} is not supported: install >={low},<{high} (pip install -e .)")
+            raise UserError(f"{package} is not installed: pip install '{wanted}' (or pip install -e .)") from None
+        if not requirement.specifier.contains(installed, prereleases=True):
+            raise UserError(f"{package} {installed} is not supported: pip install '{wanted}' (or pip install -e .)")
 
 
 def positive_int(text: str) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow.fs
 from ray import tune
 
-from text_recognizer.facts import CHECKPOINT_NAME, search_ended
+from text_recognizer.facts import CHECKPOINT_NAME, TRIAL_PREFIX, TrialStatus, search_ended
 
 FOLDER = re.compile(r"checkpoint_(\d+)$")  # Tune's name for a trial's checkpoint folders
 TRAINER_STATE = ("optimizer_states", "lr_schedulers", "callbacks")  # what Lightning leaves out of weights-only files
@@ -109,12 +109,18 @@ def weights_only(checkpoint: tune.Checkpoint) -> bool:
     return True
 
 
-def tracked(trial: Any) -> tuple[tune.Checkpoint | None, tune.Checkpoint | None]:
-    """The trial's best checkpoint by the search's metric and its newest, as Tune's checkpoint manager keeps them.
-    Tune has no public accessor for the best one of a running search's trial: this is the one place that reads it
-    (tests/test_reliability.py checks what it leads to, so a Ray release that moves it fails there)."""
+def tracked_results(trial: Any) -> tuple[Any, Any]:
+    """The trial's best result with a checkpoint, by the search's metric, and its newest (each with .checkpoint and
+    .metrics, or None), as Tune's checkpoint manager keeps them. Tune has no public accessor for them while a search
+    runs: this is the one place that reads them (tests/test_reliability.py checks what it leads to, so a Ray
+    release that moves them fails there)."""
     manager = trial.run_metadata.checkpoint_manager
-    best, latest = manager.best_checkpoint_result, manager.latest_checkpoint_result
+    return manager.best_checkpoint_result, manager.latest_checkpoint_result
+
+
+def tracked(trial: Any) -> tuple[tune.Checkpoint | None, tune.Checkpoint | None]:
+    """The trial's best checkpoint by the search's metric and its newest (tracked_results' checkpoints)."""
+    best, latest = tracked_results(trial)
     return (best.checkpoint if best else None), (latest.checkpoint if latest else None)
 
 
@@ -142,11 +148,8 @@ class CheckpointKeeper(tune.Callback):
             return
         try:
             keep_only(best)
-        except Exception as error:  # noqa: BLE001 - pruning saves space; it never ends a search
+        except Exception as error:  # pruning saves space; it never ends a search
             print(f"warning: trial {trial.trial_id}: its checkpoints were not pruned ({error})", file=sys.stderr, flush=True)
-
-
-ENDED = ("completed", "stopped_early", "stopped_by_budget")  # ended trials ranked by their best metric
 
 
 def keep_best_trials(
@@ -159,14 +162,16 @@ def keep_best_trials(
     if not search_ended(rows):
         return None
     key, sign = f"best_{metric}", (-1 if mode == "max" else 1)
-    ranked = sorted((r for r in rows if r["status"] in ENDED and r.get(key) is not None), key=lambda r: sign * r[key])
+    ranked = sorted(
+        (r for r in rows if r["status"] in TrialStatus.RANKED and r.get(key) is not None), key=lambda r: sign * r[key]
+    )
     kept = list(dict.fromkeys([*([winner] if winner else []), *(row["trial_id"] for row in ranked)]))[:keep]
-    drop = {row["trial_id"] for row in rows if row["status"] in (*ENDED, "diverged")} - set(kept)
+    drop = {row["trial_id"] for row in rows if row["status"] in TrialStatus.RANKED | {TrialStatus.DIVERGED}} - set(kept)
     better = max if mode == "max" else min
     # trials the time budget stopped never ended in Tune's sense: CheckpointKeeper did not prune them
-    unpruned = {row["trial_id"] for row in rows if row["status"] == "stopped_by_budget"} & set(kept)
+    unpruned = {row["trial_id"] for row in rows if row["status"] == TrialStatus.STOPPED_BY_BUDGET} & set(kept)
     for result in results:
-        trial_id = posixpath.basename(result.path.rstrip("/")).removeprefix("trial_")  # its folder is trial_<id>
+        trial_id = posixpath.basename(result.path.rstrip("/")).removeprefix(TRIAL_PREFIX)
         known = [c for c in (result.checkpoint, *(c for c, _ in result.best_checkpoints or [])) if c is not None]
         if trial_id in drop and known:
             for folder in siblings(known[0]):

@@ -89,7 +89,8 @@ def ray_cluster(address: str | None) -> Iterator[list[dict[str, float]]]:
                     runtime_env=environment,
                 )
         except (ConnectionError, RuntimeError, ValueError) as error:
-            raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}") from None
+            where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
+            raise UserError(f"cannot {where}: {str(error).splitlines()[0]}") from None
     try:
         yield [node["Resources"] for node in ray.nodes() if node["Alive"]]
     finally:

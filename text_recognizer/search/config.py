@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field, replace
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,22 +78,24 @@ class SearchConfig:
         """The search settings (no search space), for W&B configs and summary.json."""
         return {k: v for k, v in asdict(self).items() if k not in ("space", "fixed")}
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+SCHEDULER_KEYS = ("max_t", "grace_period", "reduction_factor")  # the YAML's `scheduler:` mapping, top level in SearchConfig
 
 
+def _yaml_types(hint: Any) -> Any:
+    """What YAML values a SearchConfig field of type `hint` accepts: a float field takes an int too."""
+    origin = typing.get_origin(hint) or hint
+    return (int, float) if origin is float else origin
+
+
+_HINTS = typing.get_type_hints(SearchConfig)
+# the YAML's keys and their types, from SearchConfig's fields: a field added there is a key here
 TOP_LEVEL = {
-    "metric": str,
-    "mode": str,
-    "num_samples": int,
-    "seed": int,
-    "search_alg": str,
-    "time_budget": (int, float, str),
-    "fixed": dict,
-    "space": dict,
-    "description": str,
+    **{f.name: _yaml_types(_HINTS[f.name]) for f in fields(SearchConfig) if f.name not in ("path", *SCHEDULER_KEYS)},
+    "time_budget": (int, float, str),  # seconds, or a duration such as 10m
     "scheduler": dict,
 }
+SCHEDULER = {key: _yaml_types(_HINTS[key]) for key in SCHEDULER_KEYS}
 INT_TYPES = ("int", "positive_int")
 FLOAT_TYPES = ("float", "positive_float", "non_negative_float", "probability")
 SCHEDULER = {"max_t": int, "grace_period": int, "reduction_factor": (int, float)}

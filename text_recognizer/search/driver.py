@@ -22,7 +22,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from text_recognizer.data import DATA_CLASSES
-from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, search_ended, with_precision
+from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, TRIAL_PREFIX, search_ended, with_precision
 from text_recognizer.search import storage, tune_actor
 from text_recognizer.search.checkpoints import CheckpointKeeper, keep_best_trials
 from text_recognizer.search.cluster import ray_cluster
@@ -154,8 +154,8 @@ def tune_config(spec: SearchSpec) -> tune.TuneConfig:
         search_alg=search_alg(spec),
         time_budget_s=config.time_budget,  # Tune stops every trial then; the stopper's state is saved for --resume
         reuse_actors=True,  # a trial starts in a running actor: no new worker, no imports again
-        trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
-        trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+        trial_name_creator=lambda trial: f"{TRIAL_PREFIX}{trial.trial_id}",
+        trial_dirname_creator=lambda trial: f"{TRIAL_PREFIX}{trial.trial_id}",
     )
 
 

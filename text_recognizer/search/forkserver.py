@@ -240,7 +240,7 @@ def _run_child(connection: Connection, fds: list[int], request: dict[str, Any], 
         getattr(importlib.import_module(module), function)(connection, request, arrays)
         connection.send({"done": True})
         status = 0
-    except BaseException:  # noqa: BLE001 - everything goes back to the actor, which raises it in Tune
+    except BaseException:  # everything goes back to the actor, which raises it in Tune
         with contextlib.suppress(Exception):
             connection.send({"error": traceback.format_exc()})
     finally:
@@ -251,7 +251,7 @@ def _run_child(connection: Connection, fds: list[int], request: dict[str, Any], 
 
 
 def serve(path: Path, raylet_pid: int, preload: str) -> None:
-    lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115 - held for the server's life
+    lock = open(path.with_suffix(".lock"), "w")  # held for the server's life
     fcntl.flock(lock, fcntl.LOCK_EX)
     if _connect(path) is not None:
         return  # another server for this node and code version won the race
@@ -288,7 +288,7 @@ def serve(path: Path, raylet_pid: int, preload: str) -> None:
             idle_since = time.time()
             try:
                 pid = _accept_trial(sock, listener, datasets)
-            except Exception as error:  # noqa: BLE001 - one bad connection must not end the server
+            except Exception as error:  # one bad connection must not end the server
                 # not the message itself: it may hold a slice of the data (BufferTooShort)
                 print(f"{time.strftime('%F %T')} a trial request failed: {type(error).__name__}", flush=True)
                 traceback.print_tb(error.__traceback__, file=sys.stdout)

@@ -18,7 +18,9 @@ from typing import Any
 
 from ray import tune
 
-EXIT_STATUS = 128 + signal.SIGTERM  # what a shell reports for a process that SIGTERM ended
+# what a shell reports for a process that SIGTERM (a preemption) or Ctrl-C (SIGINT) ended: an interrupted search's status
+EXIT_STATUS = 128 + signal.SIGTERM
+CTRL_C_STATUS = 128 + signal.SIGINT
 
 
 class Preemption(tune.Callback):

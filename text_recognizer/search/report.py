@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from text_recognizer.facts import REPORT_PAGE  # noqa: E402
+from text_recognizer.facts import REPORT_PAGE, SUMMARY_FILE, TRIAL_PREFIX, TrialStatus  # noqa: E402
 from text_recognizer.search.results import finite, ranked, short  # noqa: E402
 from text_recognizer.util import UserError  # noqa: E402
 
@@ -28,16 +28,16 @@ IMPORTANCE_METHOD = "eta²: share of the metric's variance explained\nby each hy
 
 def load_summary(folder: Path) -> dict[str, Any]:
     """A search folder's summary.json."""
-    if not (folder / "summary.json").is_file():
-        raise UserError(f"{folder}: not a search folder (no summary.json)")
-    return json.loads((folder / "summary.json").read_text())
+    if not (folder / SUMMARY_FILE).is_file():
+        raise UserError(f"{folder}: not a search folder (no {SUMMARY_FILE})")
+    return json.loads((folder / SUMMARY_FILE).read_text())
 
 
 def load_curves(folder: Path, summary: dict[str, Any]) -> dict[str, list[dict]]:
     """Each trial's results (one dict per epoch, from Tune's result.json), by trial id."""
     curves = {}
     for row in summary["trials"]:
-        path = folder / f"trial_{row['trial_id']}" / "result.json"
+        path = folder / f"{TRIAL_PREFIX}{row['trial_id']}" / "result.json"
         lines = path.read_text().splitlines() if path.is_file() else []
         by_epoch = {}
         for line in lines:
@@ -75,7 +75,7 @@ def plot_curves(summary: dict[str, Any], curves: dict[str, list[dict]], path: Pa
             continue
         (line,) = axes.plot(epochs, values, marker=".", linewidth=1, alpha=0.8)
         drawn += 1
-        if status[trial_id] == "stopped_early":
+        if status[trial_id] == TrialStatus.STOPPED_EARLY:
             axes.plot(epochs[-1], values[-1], marker="x", markersize=9, color=line.get_color())
     axes.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch, {drawn} trials (x: stopped by ASHA; dashed: rungs)")
     axes.set_xlim(0.5, settings["max_t"] + 0.5)
@@ -107,8 +107,8 @@ def plot_parallel(summary: dict[str, Any], path: Path) -> None:
     for param in params:
         values, ticks, log = numeric_axis([row["config"].get(param) for row in rows], summary["space"][param])
         values = np.log10(values) if log else values
-        finite = values[np.isfinite(values)]
-        low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+        present = values[np.isfinite(values)]
+        low, high = (present.min(), present.max()) if len(present) else (0.0, 1.0)
         columns.append((values - low) / (high - low or 1))
         labels.append(ticks or [f"{10**low:.2g}" if log else f"{low:.3g}", f"{10**high:.2g}" if log else f"{high:.3g}"])
     low, high = (metric_values.min(), metric_values.max()) if len(metric_values) else (0, 1)

@@ -20,14 +20,17 @@ from ray.tune import Callback, Result
 from text_recognizer.facts import (
     CHECKPOINT_NAME,
     REPORT_PAGE,
+    SUMMARY_FILE,
+    TRIAL_PREFIX,
+    TrialStatus,
     replay_command,
     resume_command,
     search_ended,
-    sync_command,
+    search_sync_command,
     trial_status,
     with_precision,
 )
-from text_recognizer.search.spec import SearchSpec
+from text_recognizer.search.spec import TOP_TRIALS, SearchSpec
 
 FINAL_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
 ERROR_FILE = "error.txt"  # Tune appends "Failure # N" to it in the trial's folder at every failure
@@ -73,7 +76,7 @@ def _failures(trial_dir: Path) -> int:
 def own_metrics(result: Result) -> tuple[str, dict[str, Any]]:
     """A trial's id (from its folder, trial_<id>) and its last result; an empty one when what Tune hands back is
     another trial's (seen for a trial that errored before its first result in a reused actor)."""
-    trial_id = PurePosixPath(result.path).name.removeprefix("trial_")
+    trial_id = PurePosixPath(result.path).name.removeprefix(TRIAL_PREFIX)
     last = result.metrics or {}
     return trial_id, (last if last.get("trial_id", trial_id) == trial_id else {})
 
@@ -117,7 +120,7 @@ def best_checkpoint(result: Result, row: dict[str, Any], spec: SearchSpec) -> di
     kept = [
         (checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints or [] if finite(metrics.get(metric)) is not None
     ]
-    if not kept or row["status"] in ("error", "diverged"):
+    if not kept or row["status"] in TrialStatus.FAILED:
         return None
     checkpoint, metrics = better(kept, key=lambda pair: pair[1][metric])
     return {
@@ -163,7 +166,7 @@ def summarize(
     summary = {
         "name": spec.name,
         "interrupted": interrupted,
-        "budget_ended": any(row["status"] in ("stopped_by_budget", "not_started") for row in rows),
+        "budget_ended": any(row["status"] in TrialStatus.BUDGET for row in rows),
         "search_dir": str(spec.folder),
         "settings": spec.config.settings(),
         "space": spec.config.space,
@@ -182,7 +185,7 @@ def summarize(
         "report": str(spec.folder / REPORT_PAGE),
     }
     if spec.wandb_mode == "offline" and not interrupted:  # uploads the runs, then makes them a sweep
-        summary["wandb"]["sync_command"] = sync_command(str(spec.folder))
+        summary["wandb"]["sync_command"] = search_sync_command(str(spec.folder))
     if interrupted:
         summary["resume_command"] = resume_command(spec.name, spec.where)
     return summary
@@ -203,20 +206,20 @@ def write_results(summary: dict[str, Any], folder: Path) -> None:
     rows = summary["trials"]
     flat = [{**{k: v for k, v in row.items() if k != "config"}, **row["config"]} for row in rows]
     pd.DataFrame(flat).to_csv(folder / "trials.csv", index=False)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
 
 
 def ranked(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """The trials with a finite best metric, best first; a diverged trial is never ranked."""
     key = f"best_{summary['settings']['metric']}"
     return sorted(
-        (row for row in summary["trials"] if finite(row.get(key)) is not None and row["status"] != "diverged"),
+        (row for row in summary["trials"] if finite(row.get(key)) is not None and row["status"] != TrialStatus.DIVERGED),
         key=lambda row: row[key],
         reverse=summary["settings"]["mode"] == "max",
     )
 
 
-def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdout) -> None:
+def print_report(summary: dict[str, Any], top: int = TOP_TRIALS, file: TextIO = sys.stdout) -> None:
     """The ranked table of the best trials, the replay command and the W&B sync (or resume) command."""
     key = f"best_{summary['settings']['metric']}"
     searched = list(summary["space"])

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from text_recognizer.facts import SEARCH_FILE, WANDB_PROJECT
+from text_recognizer.facts import SEARCH_FILE, TUNE_STATE_FILE, WANDB_PROJECT
 from text_recognizer.search import storage as stored
 from text_recognizer.search.config import (
     DEFAULT_CONFIG,
@@ -41,6 +41,7 @@ TRIALS_PER_GPU = 4  # small models leave most of a GPU idle: pack four trials on
 KEEP_CHECKPOINTS = 3
 MAX_FAILURES = 2  # retries of a trial whose worker died, each from its newest checkpoint
 TRIAL_PROCESSES = ("actor", "fork")  # where a trial trains: its Tune actor (Ray's way), or a fork server's child
+TOP_TRIALS = 5  # rows of the final table
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -64,7 +65,7 @@ class SearchSpec:
     max_failures: int = MAX_FAILURES
     keep_checkpoints: int = KEEP_CHECKPOINTS
     max_concurrent: int | None = None
-    top: int = 5
+    top: int = TOP_TRIALS
     output: str = "progress"  # progress (a line per finished trial, a status line), tune (Tune's own), quiet
 
     @property
@@ -120,7 +121,8 @@ def build_search_parser() -> Parser:
     """The search's own flags; any other --flag=value is a run flag fixed for every trial."""
     parser = Parser(
         prog="tune_mlp.py",
-        description="Random search with ASHA early stopping over run_experiment.py flags, on a Ray cluster, "
+        description="A search (random, or Optuna's TPE: the config's search_alg) with ASHA early stopping over "
+        "run_experiment.py flags, on a Ray cluster, "
         "with every trial logged to W&B. Run flags given here (e.g. --data_class=FashionMNIST) are fixed "
         "for every trial and win over the config.",
     )
@@ -164,11 +166,30 @@ def build_search_parser() -> Parser:
         help="default: online with credentials, else offline",
     )
     add("--smoke-test", action="store_true", help=f"a seconds-long search: the shipped {SMOKE_CONFIG.stem} config")
-    add("--top", type=int, default=5, help="trials shown in the final table (default 5)")
+    add("--top", type=int, default=TOP_TRIALS, help=f"trials shown in the final table (default {TOP_TRIALS})")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--verbose", action="store_true", help="Tune's own full output instead of our progress lines")
     output.add_argument("--quiet", action="store_true", help="print only the final report")
+    add_commands(parser)
     return parser
+
+
+def add_commands(parser: Parser) -> None:
+    """`tune_mlp.py report FOLDER` and `tune_mlp.py sync FOLDER`: what is done with a search folder afterwards."""
+    commands = parser.add_subparsers(dest="command", title="commands (instead of a search)", metavar="{report,sync}")
+    folder_help = "a search folder (<storage-path>/<name>)"
+    report = commands.add_parser(
+        "report",
+        help="(re)write a search's offline report, FOLDER/report/report.html, and print its path",
+        description="Write the offline report of a search folder: report/report.html and its PNGs.",
+    )
+    report.add_argument("folder", type=Path, help=folder_help)
+    sync = commands.add_parser(
+        "sync",
+        help="upload a search's offline W&B runs, then make them one W&B sweep",
+        description="Upload a search's offline W&B runs (wandb sync), then create its W&B sweep from them.",
+    )
+    sync.add_argument("folder", type=Path, help=f"{folder_help} logged with --wandb-mode offline")
 
 
 def parse_run_overrides(flags: list[str]) -> dict[str, Any]:
@@ -286,11 +307,11 @@ def saved_search(folder: Path, uri: str | None) -> dict[str, Any]:
     """The saved record of the search in `folder` or, with a URI, stored under the URI (the local copy when there
     is one: the driver writes it first); UserError when there is no such search."""
     if uri is None:
-        if not (folder / SEARCH_FILE).is_file() or not (folder / "tuner.pkl").is_file():
+        if not (folder / SEARCH_FILE).is_file() or not (folder / TUNE_STATE_FILE).is_file():
             raise UserError(f"--resume: no search named {folder.name!r} in {folder.parent}")
         return json.loads((folder / SEARCH_FILE).read_text())
     try:
-        if not stored.stored(uri, folder.name, SEARCH_FILE, "tuner.pkl"):
+        if not stored.stored(uri, folder.name, SEARCH_FILE, TUNE_STATE_FILE):
             raise UserError(f"--resume: no search named {folder.name!r} in {uri}")
         local = folder / SEARCH_FILE
         return json.loads(local.read_text() if local.is_file() else stored.read_text(uri, folder.name, SEARCH_FILE))
@@ -360,6 +381,8 @@ def _spec(
 def describe(argv: Sequence[str] | None) -> SearchSpec:
     """Flags and config checked into one frozen SearchSpec; UserError for anything wrong. Needs no Ray, no data."""
     args, rest = build_search_parser().parse_known_args(argv)
+    if args.command:
+        raise UserError(f"{args.command} is a command of its own: run tune_mlp.py {args.command} FOLDER")
     args.address = args.address or os.environ.get("RAY_ADDRESS") or None  # read once: the flag, else Ray's variable
     overrides = parse_run_overrides(rest)
     check_numbers(args)

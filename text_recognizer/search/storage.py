@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 import pyarrow
 import pyarrow.fs as pafs
 
-from text_recognizer.facts import SEARCH_FILE
+from text_recognizer.facts import SEARCH_FILE, SUMMARY_FILE, TRIAL_PREFIX
 from text_recognizer.util import UserError
 
 # the driver's own files in a search folder; everything else in it is Tune's (its state and the trials' folders)
-DRIVER_FILES = (SEARCH_FILE, "summary.json", "trials.csv", "report", "wandb")
+DRIVER_FILES = (SEARCH_FILE, SUMMARY_FILE, "trials.csv", "report", "wandb")
 LOCAL = pafs.LocalFileSystem()
 
 
@@ -125,7 +125,7 @@ def is_driver_file(relative: str) -> bool:
 def is_trial_file(relative: str) -> bool:
     """A trial's own small file (result.json, progress.csv, error.txt, ...), not one of its checkpoints."""
     parts = relative.split("/")
-    return parts[0].startswith("trial_") and len(parts) > 1 and not any(part.startswith("checkpoint_") for part in parts)
+    return parts[0].startswith(TRIAL_PREFIX) and len(parts) > 1 and not any(part.startswith("checkpoint_") for part in parts)
 
 
 def download(uri: str, folder: Path, keep: Callable[[str], bool]) -> int:

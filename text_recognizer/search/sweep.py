@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from text_recognizer.search.config import SearchConfig
 from text_recognizer.search.wandb_files import offline_runs
+from text_recognizer.util import UserError
+
+# W&B's name for each search_alg: Optuna's TPE is a Bayesian optimisation, which W&B calls "bayes"
+METHODS = {"random": "random", "optuna": "bayes"}
 
 
 def parameter(kind: str, value: Any) -> dict[str, Any]:
@@ -44,7 +49,7 @@ def sweep_config(name: str, config: SearchConfig) -> dict[str, Any]:
     parameters.update({key: {"value": value} for key, value in constants.items() if key not in parameters})
     return {
         "name": name,
-        "method": "grid" if grid_only else "random",
+        "method": "grid" if grid_only else METHODS[config.search_alg],
         "metric": {"name": config.metric, "goal": "maximize" if config.mode == "max" else "minimize"},
         "parameters": parameters,
         "description": config.description or f"Ray Tune search {name} (ASHA), logged by text_recognizer",
@@ -59,8 +64,16 @@ def create_sweep(config: dict[str, Any], project: str, prior_runs: list[str] | N
 
 
 def stop_sweep(sweep_id: str, project: str) -> None:
-    """Needs the W&B server: mark the sweep finished, as `wandb sweep --stop` does (no agent will ask it for runs)."""
-    subprocess.run(["wandb", "sweep", "--stop", "--project", project, sweep_id], check=False)
+    """Needs the W&B server: mark the sweep finished, as `wandb sweep --stop` does (no agent will ask it for runs).
+    A failure is a one-line warning: the search's results are written by then, and the sweep only shows `running`."""
+    command = ["wandb", "sweep", "--stop", "--project", project, sweep_id]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+    except OSError as error:
+        done = subprocess.CompletedProcess(command, 1, "", str(error))
+    if done.returncode != 0:
+        why = (done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}").splitlines()[-1]
+        print(f"warning: W&B sweep {sweep_id} was not stopped ({why}): stop it with {shlex.join(command)}", file=sys.stderr)
 
 
 def run_folders(folder: Path) -> list[Path]:
@@ -73,14 +86,20 @@ def prior_run_ids(folder: Path) -> list[str]:
     return sorted(run.id for run in offline_runs(folder) if run.job_type == "trial")
 
 
-def sync_command(folder: Path) -> list[str]:
+def wandb_sync_argv(folder: Path) -> list[str]:
     """The `wandb sync` command line that uploads a search's offline runs (trials and summary run)."""
     return ["wandb", "sync", *[str(path) for path in run_folders(folder)]]
 
 
 def sync(folder: Path, name: str, config: SearchConfig, project: str) -> str:
-    """Upload a search's offline runs, then create its sweep from them; returns the sweep id."""
-    command = sync_command(folder)
+    """Upload a search's offline runs, then create its sweep from them; returns the sweep id. UserError, in one line,
+    when the upload fails (wandb sync has printed why just above)."""
+    command = wandb_sync_argv(folder)
     print("$", shlex.join(command), flush=True)
-    subprocess.run(command, check=True)
+    try:
+        status = subprocess.run(command).returncode
+    except OSError as error:
+        raise UserError(f"cannot run wandb sync ({error}): is the wandb CLI installed?") from None
+    if status != 0:
+        raise UserError(f"wandb sync failed (exit status {status}): no sweep was created; fix the above and run sync again")
     return create_sweep(sweep_config(name, config), project, prior_runs=prior_run_ids(folder))

@@ -19,8 +19,9 @@ from typing import Any
 
 from ray import tune
 
-from text_recognizer.facts import trial_status, wandb_run_id
+from text_recognizer.facts import TrialStatus, trial_status, wandb_run_id
 from text_recognizer.search import sweep
+from text_recognizer.search.checkpoints import tracked_results
 from text_recognizer.search.spec import SearchSpec
 from text_recognizer.util import UserError
 
@@ -121,7 +122,7 @@ class WandbTrialCallback(tune.Callback):
         for folder in sorted(self.spec.folder.glob(f"wandb/offline-run-*-{identifier}")):
             superseded.mkdir(parents=True, exist_ok=True)
             folder.rename(superseded / folder.name)
-        latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+        _, latest = tracked_results(trial)
         results = Path(trial.path) / "result.json"
         if latest is None or not results.is_file():
             return []
@@ -173,17 +174,17 @@ class WandbTrialCallback(tune.Callback):
                 f"best_{self.spec.config.metric}": self.best.get(trial.trial_id),
                 "epochs_trained": self.logged_epoch.get(trial.trial_id, 0),
                 "status": status,
-                "stopped_by_asha": status == "stopped_early",
+                "stopped_by_asha": status == TrialStatus.STOPPED_EARLY,
             }
         )
-        run.finish(exit_code=1 if status == "error" else 0)
+        run.finish(exit_code=1 if status == TrialStatus.ERROR else 0)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # the same outcome as summary.json's
         self._finish(trial, trial_status({**(trial.last_result or {}), "done": True}, self.spec.config.max_t))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "error")
+        self._finish(trial, TrialStatus.ERROR)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.finish_open_runs()
@@ -193,7 +194,8 @@ class WandbTrialCallback(tune.Callback):
 
         An open run is a started trial, so it was interrupted, even one stopped before its first epoch (whose last
         result alone would read as pending)."""
-        status = "stopped_by_budget" if self.deadline is not None and time.time() >= self.deadline else "interrupted"
+        spent = self.deadline is not None and time.time() >= self.deadline
+        status = TrialStatus.STOPPED_BY_BUDGET if spent else TrialStatus.INTERRUPTED
         for _, trial in list(self.runs.values()):
             self._finish(trial, status)
 
