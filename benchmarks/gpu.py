@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     FashionMNIST.ensure_raw_files(data_dir)
     arrays = FashionMNIST.load_arrays(data_dir)
     storage = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     gpus, cpus = (0 if args.cpu_stand_in else torch.cuda.device_count()), os.cpu_count() or 1
     result: dict[str, Any] = {
         "gpu": None if args.cpu_stand_in else torch.cuda.get_device_name(0),

@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     smoke = {mode: smoke_outside_fit(storage, data_dir, f"smoke-{mode}", mode) for mode in ("offline", "disabled")}
     for mode, figures in smoke.items():
         print(f"  smoke search, W&B {mode}: {figures['wall_seconds']:.1f} s, fit {figures['fit_seconds']:.1f} s", flush=True)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     print(
         f"benchmark ({label}) on {platform.node()}: {args.cpus} CPUs ({cpu_model()}, native bf16: {native_bf16(gpu=False)}), "
         f"torch {torch.__version__}, storage {storage}"

@@ -20,7 +20,7 @@ from text_recognizer.search.progress import Progress
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # never a cluster running here
     yield
     ray.shutdown()
 

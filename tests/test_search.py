@@ -206,7 +206,7 @@ def test_gpu_packing_with_gpus_declared_to_ray(tmp_path: Path, launch_search, tr
         "grace_period: 1", "grace_period: 4"
     )
     flags = ["--num-samples", "4", "--gpus-per-trial", "0.5", "--cpus-per-trial", "1", "--trial-process", trial_process]
-    prelude = "import ray; ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)"
+    prelude = 'import ray; ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False)'
     finish(launch_search(tmp_path, "gpus", config, *flags, prelude=prelude))
     spans, gpus = [], {}
     for trial_id, reports in results(tmp_path / "gpus").items():

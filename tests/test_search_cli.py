@@ -7,16 +7,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, SCRIPT, write_tiny_mnist
 
-# A refusal comes after the imports (torch, Lightning: 6-12 s on 2 busy cores) and before Ray (10-20 s more).
-# The sure sign that Ray started is its session folder under RAY_TMPDIR; the time is a second check.
-BEFORE_RAY_SECONDS = 25
+# A refusal comes after the imports and before Ray. The sure sign that Ray started is its session folder under
+# RAY_TMPDIR (and what ray.init prints); no time limit: on a loaded machine the imports alone took 45-77 s.
 RAY_STARTED = ("Started a local Ray instance", "Token authentication")  # what ray.init prints
 HELP_FLAGS = (
     "--num-samples",
@@ -50,19 +48,16 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
     return state
 
 
-def run_cli(args: list[str], tmp_path: Path, timeout: float = 90, ray_tmp: bool = True) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], tmp_path: Path, timeout: float = 300, ray_tmp: bool = True) -> subprocess.CompletedProcess:
     """Run the real script from the repo root; Ray (if it wrongly starts) puts its session under tmp_path/ray."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     env["TEXT_RECOGNIZER_DATA_DIR"] = str(tmp_path / "no-data")  # never download into the checkout
     if ray_tmp:
         env["RAY_TMPDIR"] = str(tmp_path / "ray")
-    started = time.monotonic()
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
-    result.seconds = time.monotonic() - started  # type: ignore[attr-defined]
-    return result
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -87,7 +82,6 @@ def refuse(tmp_path: Path, args: list[str], *needles: str, storage: Path | None 
     for text in RAY_STARTED:
         assert text not in result.stdout + result.stderr, f"Ray started: {text!r} in the output"
     assert not (tmp_path / "ray").exists(), "Ray started a session"
-    assert result.seconds < BEFORE_RAY_SECONDS, f"took {result.seconds:.1f} s: did it start Ray?"
     assert snapshot(storage) == before, "the storage dir changed"
     return line
 

@@ -173,7 +173,7 @@ class WandbTrialCallback(tune.Callback):
             {
                 f"best_{self.spec.config.metric}": self.best.get(trial.trial_id),
                 "epochs_trained": self.logged_epoch.get(trial.trial_id, 0),
-                "status": status,
+                "status": str(status),  # W&B writes an Enum member by its name: the plain string, as summary.json's
                 "stopped_by_asha": status == TrialStatus.STOPPED_EARLY,
             }
         )
@@ -226,7 +226,8 @@ def log_summary_run(spec: SearchSpec, summary: dict[str, Any]) -> str:
     metrics = [*SUMMARY_COLUMNS, best_key]
     table = wandb.Table(columns=["trial_id", *columns, *metrics])
     for row in rows:
-        table.add_data(row["trial_id"], *[row["config"].get(c) for c in columns], *[row.get(m) for m in metrics])
+        values = [str(row[m]) if m == "status" else row.get(m) for m in metrics]  # the status as a plain string
+        table.add_data(row["trial_id"], *[row["config"].get(c) for c in columns], *values)
     run.log({"trials": table})
     best = summary.get("best")
     if best and best.get("checkpoint"):
