@@ -55,7 +55,7 @@ except Exception as error:
     print(str(error).splitlines()[0] if str(error) else type(error).__name__)
     sys.exit(4)
 """
-PROBE_SECONDS = 60  # a GCS that doesn't answer: Ray's client gives up after 40 s
+PROBE_SECONDS = 120  # Ray's client gives up on a silent GCS after 40 s; the rest is for starting Python on a busy machine
 
 
 def gcs_answers(address: str, token: bool) -> tuple[bool, str]:

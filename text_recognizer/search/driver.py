@@ -263,11 +263,13 @@ def tune_environment(output: str) -> Iterator[None]:
         "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # JSON and CSV are given explicitly: no TensorBoard files per trial
         # a failed trial's traceback stays in its error.txt; FailFast prints one line for it instead
         "TUNE_PRINT_ALL_TRIAL_ERRORS": "1" if output == "tune" else "0",
+        # ...and Ray's driver would print it again, for the failed trial's result that Tune never fetched
+        "RAY_IGNORE_UNHANDLED_ERRORS": None if output == "tune" else "1",
         # a snapshot per checkpoint is what makes --resume lose nothing; don't warn about its cost
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     }
     saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
+    os.environ.update({key: value for key, value in values.items() if value is not None})
     # a trial that never started (the time budget ended the search first) has no results: Tune warns of each one,
     # a line a trial, when it builds the ResultGrid; summary.json counts them as not_started
     analysis = logging.getLogger("ray.tune.analysis.experiment_analysis")
