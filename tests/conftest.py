@@ -132,3 +132,20 @@ def wait_for(condition: Callable[[], bool], timeout: float = 180, poll: float = 
     while not condition():
         assert time.time() < deadline, "timed out"
         time.sleep(poll)
+
+
+def runs_written_here(folder: Path) -> list:
+    """The offline W&B runs under `folder` that this (test) process wrote, read once W&B has closed their files.
+
+    In wandb 0.31, run.finish() returns once the run's exit record is acknowledged, then only *publishes*
+    inform_finish to W&B's service (ServiceConnection.inform_finish does not wait), which closes the run's
+    `.wandb` file later: read at once, the file can still lack records (seen: no config, KeyError 'fc1').
+    wandb.teardown() sends inform_teardown and joins the service process, so every run's file is complete.
+    A search run as a subprocess needs none of this: its exit joins its service the same way (W&B's atexit).
+    """
+    import wandb
+
+    from text_recognizer.search.wandb_files import offline_runs
+
+    wandb.teardown()
+    return offline_runs(folder)

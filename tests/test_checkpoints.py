@@ -3,14 +3,18 @@ when its newest is unreadable, and what an ended trial keeps. The searches that 
 
 from __future__ import annotations
 
+import json
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIVE_EPOCHS, finish, results, wait_for
 from ray import tune
 
-from text_recognizer.facts import CHECKPOINT_NAME
-from text_recognizer.search.checkpoints import keep_only, resumable
+from text_recognizer.facts import CHECKPOINT_NAME, HISTORY_NAME
+from text_recognizer.search.checkpoints import keep_only, repair_tracked, resumable
 
 
 def write_trial(folder: Path, epochs: int) -> list[Path]:
@@ -88,3 +92,136 @@ def test_a_checkpoint_that_is_not_a_torch_file_is_reported_not_rewritten(tmp_pat
     with pytest.raises(Exception):  # noqa: B017 - torch's own error; CheckpointKeeper turns it into a warning
         keep_only(tune.Checkpoint(str(files[0].parent)))
     assert files[0].is_file()
+
+
+# --- a resumed search whose saved state names checkpoints that are gone from storage -------------------------------
+
+VAL_ACC = (0.5, 0.9, 0.6, 0.7)  # checkpoint_000000 ... _000003: the best is the second
+
+
+def tracked_trial(tmp_path: Path, registered: int) -> tune.experiment.Trial:
+    """A real Tune trial whose checkpoint manager (Ray's own, the search's settings: the best 2 by val_acc and the
+    newest) registered its first `registered` checkpoints, as its driver did; the folders on disk, each with a model
+    file and its history, as the trial's actor wrote them."""
+    from ray.train._internal.session import _TrainingResult
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    storage = StorageContext(str(tmp_path), "search", trial_dir_name="trial_t")
+    config = tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_acc", checkpoint_score_order="max")
+    trial = Trial("train_in_actor", config={"fc1": 16}, trial_id="t", storage=storage, stub=True, checkpoint_config=config)
+    history = []
+    for epoch, val_acc in enumerate(VAL_ACC, start=1):
+        folder = Path(storage.trial_fs_path) / f"checkpoint_{epoch - 1:06d}"
+        folder.mkdir(parents=True)
+        (folder / CHECKPOINT_NAME).write_bytes(b"model")
+        history.append({"epoch": epoch, "val_acc": val_acc})
+        (folder / HISTORY_NAME).write_text(json.dumps(history))
+        if epoch <= registered:
+            trial.on_checkpoint(_TrainingResult(tune.Checkpoint(str(folder)), {"training_iteration": epoch, "val_acc": val_acc}))
+    return trial
+
+
+def tracked_names(trial: tune.experiment.Trial) -> tuple[list[str], str | None]:
+    manager = trial.run_metadata.checkpoint_manager
+    latest = manager.latest_checkpoint_result
+    return [Path(r.checkpoint.path).name for r in manager.best_checkpoint_results], latest and Path(latest.checkpoint.path).name
+
+
+def test_tune_tracks_checkpoints_as_the_repair_expects(tmp_path: Path) -> None:
+    """Ray's manager, as retrack relies on: the best 2 and the newest kept, the others deleted from storage."""
+    trial = tracked_trial(tmp_path, registered=3)
+    assert tracked_names(trial) == (["checkpoint_000002", "checkpoint_000001"], "checkpoint_000002")
+    assert not (Path(trial.storage.trial_fs_path) / "checkpoint_000000").exists()  # Tune deleted the worst
+    assert trial.storage.current_checkpoint_index == 2
+
+
+def test_a_trial_whose_saved_latest_checkpoint_is_gone_resumes_from_the_newest_on_storage(tmp_path: Path) -> None:
+    """The S3 SIGKILL case: the state names checkpoint_000002; the killed driver had registered _000003 since and
+    deleted _000002 (no longer among the best 2). The trial resumes from _000003, which the state never knew."""
+    trial = tracked_trial(tmp_path, registered=3)
+    shutil.rmtree(Path(trial.storage.trial_fs_path) / "checkpoint_000002")
+    state, _ = trial.get_json_state()
+    warning = repair_tracked(trial)
+    assert warning == "checkpoint_000002, which Tune's state names, is gone from storage: resumed from checkpoint_000003"
+    assert tracked_names(trial) == (["checkpoint_000003", "checkpoint_000001"], "checkpoint_000003")
+    latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+    assert latest.metrics["training_iteration"] == 4 and latest.metrics["val_acc"] == 0.7  # from its saved history
+    assert trial.storage.current_checkpoint_index == 3  # the next checkpoint is _000004, not over _000003
+    # the experiment state saved from now on holds the repair (a second kill resumes from it)
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    saved = _TrainingRunMetadata.from_json_state(trial.run_metadata.get_json_state()).checkpoint_manager
+    assert Path(saved.latest_checkpoint_result.checkpoint.path).name == "checkpoint_000003"
+    assert trial.get_json_state()[0] != state  # the trial's own state (its checkpoint index) saved anew, not cached
+    assert repair_tracked(trial) is None  # repaired: nothing gone any more
+
+
+def test_a_trial_with_none_of_its_checkpoints_left_restarts_from_scratch(tmp_path: Path) -> None:
+    trial = tracked_trial(tmp_path, registered=3)
+    for folder in Path(trial.storage.trial_fs_path).glob("checkpoint_*"):
+        shutil.rmtree(folder)
+    assert repair_tracked(trial) == "checkpoint_000002, which Tune's state names, is gone from storage: restarted from scratch"
+    assert tracked_names(trial) == ([], None) and trial.checkpoint is None  # Tune restores nothing: a fresh start
+
+
+def test_a_folder_without_its_history_or_model_is_not_resumed_from(tmp_path: Path) -> None:
+    """A folder the killed actor left half-written (no history, or no model file) is passed over for an older one."""
+    trial = tracked_trial(tmp_path, registered=3)
+    trial_dir = Path(trial.storage.trial_fs_path)
+    shutil.rmtree(trial_dir / "checkpoint_000002")
+    (trial_dir / "checkpoint_000003" / HISTORY_NAME).unlink()
+    assert repair_tracked(trial).endswith(": resumed from checkpoint_000001")
+    assert tracked_names(trial) == (["checkpoint_000001"], "checkpoint_000001")
+    assert trial.storage.current_checkpoint_index == 2  # unchanged: newer than the one it resumes from
+
+
+def test_a_consistent_state_is_left_as_it_is_and_a_gone_older_one_is_dropped_silently(tmp_path: Path) -> None:
+    trial = tracked_trial(tmp_path, registered=3)
+    assert repair_tracked(trial) is None and tracked_names(trial)[1] == "checkpoint_000002"
+    shutil.rmtree(Path(trial.storage.trial_fs_path) / "checkpoint_000001")  # the best, not the latest
+    assert repair_tracked(trial) is None
+    assert tracked_names(trial) == (["checkpoint_000002"], "checkpoint_000002")  # Tune won't try to delete it again
+
+
+@pytest.mark.slow
+def test_a_resumed_search_whose_state_names_gone_checkpoints_loses_no_trial(tmp_path: Path, launch_search) -> None:
+    """A real search stopped by Ctrl-C, then its storage made to disagree with Tune's saved state as a SIGKILL before
+    the state reached S3 leaves it: trial A's latest checkpoint gone and a newer one there that the state never knew,
+    trial B's checkpoints all gone. --resume: A goes on from the newer one, B from scratch, one warning line each;
+    neither ends in `error`, and each W&B run holds epochs 1-5 once."""
+    from test_reliability import check_finished_search
+
+    config = FIVE_EPOCHS.replace("limit_train_batches: 60", "limit_train_batches: 150")  # epochs long enough to stop in
+    search = launch_search(tmp_path, "stale", config, "--num-samples", "2", "--max-concurrent", "2")
+    search_dir = tmp_path / "stale"
+    wait_for(lambda: len(results(search_dir)) == 2 and all(rows for rows in results(search_dir).values()), poll=0.05)
+    search.send_signal(signal.SIGINT)
+    finish(search, timeout=120, returncode=130)
+    done = {trial_id: len(rows) for trial_id, rows in results(search_dir).items()}
+    first_pid = {trial_id: rows[0]["pid"] for trial_id, rows in results(search_dir).items()}
+    assert all(0 < epochs < 5 for epochs in done.values()), done
+    a, b = sorted(done)
+    folders = sorted((search_dir / f"trial_{a}").glob("checkpoint_*"))
+    latest = search_dir / f"trial_{a}" / f"checkpoint_{done[a] - 1:06d}"  # Tune's newest: epoch N is in folder N-1
+    assert latest in folders, folders
+    newer = latest.with_name(f"checkpoint_{int(folders[-1].name[-6:]) + 1:06d}")
+    latest.rename(newer)  # the state names `latest`, gone; `newer` holds the same epochs, unknown to the state
+    for folder in (search_dir / f"trial_{b}").glob("checkpoint_*"):
+        shutil.rmtree(folder)
+
+    resumed = launch_search(tmp_path, "stale", None, "--resume")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    warnings = sorted(line for line in stderr.splitlines() if "which Tune's state names" in line)
+    assert warnings == [
+        f"warning: trial {a}: {latest.name}, which Tune's state names, is gone from storage: resumed from {newer.name}",
+        f"warning: trial {b}: checkpoint_{done[b] - 1:06d}, which Tune's state names, is gone from storage: "
+        "restarted from scratch",
+    ], stderr[-3000:]
+    assert "does not exist on storage" not in stderr
+    check_finished_search(search_dir, trials=2, epochs=5)
+    after = results(search_dir)
+    assert [r["training_iteration"] for r in after[a]] == list(range(1, 6))  # on from epoch N: none trained twice
+    # B trained all over again in a new worker; Tune's log of it starts afresh too
+    assert [r["training_iteration"] for r in after[b]] == list(range(1, 6)) and after[b][0]["pid"] != first_pid[b]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import FIVE_EPOCHS, ROOT, TRIAL_PROCESSES, finish, results, summary_of, wait_for
+from conftest import FIVE_EPOCHS, ROOT, TRIAL_PROCESSES, finish, results, runs_written_here, summary_of, wait_for
 
 from text_recognizer.search import forkserver
 from text_recognizer.search.wandb_files import offline_runs
@@ -184,7 +184,6 @@ def test_an_epoch_tune_never_delivered_is_filled_from_the_checkpoint_history(tmp
     """A trial's worker died after Tune kept epoch 3's checkpoint but before its result (seen: results [1, 2, 4, 5]);
     another trial's died after epoch 3's result but before its checkpoint, so it trains epoch 3 again. The driver's
     W&B runs hold every epoch once, the missing one from the history the restored checkpoint carries."""
-    import wandb
     from ray.train._internal.storage import StorageContext
     from ray.tune.experiment import Trial
 
@@ -212,8 +211,7 @@ def test_an_epoch_tune_never_delivered_is_filled_from_the_checkpoint_history(tmp
             trial.update_last_result(row)
         trial.update_last_result({**delivered[-1], "done": True})
         callback.on_trial_complete(0, [], trial)
-    wandb.teardown()  # finish() can return before W&B's service wrote the last records: wait for it
-    runs = {run.id: run for run in offline_runs(spec.folder)}
+    runs = {run.id: run for run in runs_written_here(spec.folder)}
     for name in ("gap-lost", "gap-repeated"):
         assert [(h["epoch"], h["_step"], h["val_acc"]) for h in runs[name].history] == [(e, e, e / 10) for e in range(1, 6)]
         assert runs[name].config["node_id"] == "b" and runs[name].summary["epochs_trained"] == 5

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import runs_written_here
 from ray.tune import Checkpoint, Result
 
 from text_recognizer.facts import TrialStatus, search_ended, trial_status
@@ -92,9 +93,6 @@ def test_the_best_follows_the_metric_and_its_mode(tmp_path: Path) -> None:
 
 def test_summary_files_and_the_wandb_summary_table_name_the_search_metric(tmp_path: Path) -> None:
     """The table's best column is best_<metric>: with val_loss it is filled, not an empty best_val_acc."""
-    import wandb
-
-    from text_recognizer.search.wandb_files import offline_runs
     from text_recognizer.search.wandb_logging import log_summary_run
 
     spec = spec_for(tmp_path, "val_loss", "min")
@@ -108,8 +106,7 @@ def test_summary_files_and_the_wandb_summary_table_name_the_search_metric(tmp_pa
     assert json.loads((spec.folder / "summary.json").read_text())["best"]["trial_id"] == "b"
     assert list(pd.read_csv(spec.folder / "trials.csv")["trial_id"]) == ["a", "b"]
     log_summary_run(spec, summary)
-    wandb.teardown()  # finish() can return before W&B's service wrote the last records: wait for it
-    (run,) = offline_runs(spec.folder)
+    (run,) = runs_written_here(spec.folder)
     table = json.loads(next(spec.folder.glob("wandb/offline-run-*/files/media/table/trials_*.table.json")).read_text())
     column = table["columns"].index("best_val_loss")
     assert [row[column] for row in table["data"]] == [0.9, 0.3]

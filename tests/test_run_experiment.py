@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, runs_written_here
 
 from text_recognizer.cli import run_experiment
 from text_recognizer.data.mnist import IDX_FILES
@@ -163,10 +163,7 @@ def test_wandb_run_is_an_offline_run_with_the_args_and_the_model(tiny_data_dir: 
     metrics = run_experiment(
         ["--wandb", f"--data_dir={tiny_data_dir}", f"--log_dir={tmp_path}", "--max_epochs=2", "--fc1=16", "--fc2=8"]
     )
-    from text_recognizer.search.wandb_files import read_run
-
-    (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    run = read_run(path)
+    (run,) = runs_written_here(tmp_path)
     assert run.config["fc1"] == 16 and run.config["data_class"] == "MNIST" and run.config["seed"] == 42
     epochs = sorted({row["epoch"] for row in run.history if "val_acc" in row})
     assert epochs == [0, 1]

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import ray
 import torch
-from conftest import ROOT
+from conftest import ROOT, SCRIPT, wait_for
+from test_search_cli import assert_one_line_error
 
 from text_recognizer.search.config import load_config
 from text_recognizer.training import parse_args
@@ -96,3 +103,88 @@ def test_joining_presents_the_token_that_ray_start_saved(tmp_path: Path) -> None
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "mode token" in result.stdout
+
+
+# --- joining a cluster whose token auth differs from this machine's: one line, exit 2, before ray.init ----------
+
+
+def without_ray_auth(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    return {**env, **extra}
+
+
+@contextmanager
+def ray_head(folder: Path, token: str | None) -> Iterator[str]:
+    """A real one-node cluster from `ray start --head`, with token auth (and this token) or without, in its own HOME,
+    temp dir and port; yields its address; stops exactly the processes it started (its process group)."""
+    (folder / ".ray").mkdir(parents=True)
+    if token:
+        (folder / ".ray" / "auth_token").write_text(token)
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    mode = "token" if token else "disabled"
+    env = without_ray_auth(HOME=str(folder), RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"), RAY_AUTH_MODE=mode)
+    command = ["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"]
+    head = subprocess.Popen(
+        [*command, "--disable-usage-stats", "--block"], env=env, start_new_session=True, stdout=subprocess.DEVNULL
+    )
+    try:
+        wait_for(lambda: subprocess.run(["ray", "status", f"--address={address}"], env=env, capture_output=True).returncode == 0)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Two real clusters: one without token auth ("open"), one with token "a"*64 ("token")."""
+    with ray_head(tmp_path_factory.mktemp("open"), None) as open_, ray_head(tmp_path_factory.mktemp("token"), "a" * 64) as token:
+        yield {"open": open_, "token": token}
+
+
+def join(address: str, home: Path, token: str | None, fashion_dir: Path, storage: Path) -> subprocess.CompletedProcess:
+    """The real search joining `address` from a machine whose ~/.ray/auth_token is `token` (None: none)."""
+    (home / ".ray").mkdir(parents=True)
+    if token:
+        (home / ".ray" / "auth_token").write_text(token)
+    args = ["--smoke-test", f"--address={address}", "--storage-path", str(storage), "--name", "x", f"--data_dir={fashion_dir}"]
+    env = without_ray_auth(HOME=str(home), WANDB_MODE="offline")
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("cluster", "token", "needles"),
+    [
+        # a cluster without token auth, a machine with a token (any local search writes one): Ray would turn token
+        # auth on for the driver, and the cluster's processes could not call back into it (every actor would die)
+        ("open", "b" * 64, ("it runs without token authentication", "~/.ray/auth_token", "RAY_AUTH_MODE=token ray start")),
+        ("token", None, ("it requires a Ray token and this machine has none", "ray get-auth-token", "RAY_AUTH_TOKEN")),
+        ("token", "b" * 64, ("it refuses this machine's Ray token (~/.ray/auth_token)", "ray get-auth-token")),
+    ],
+)
+def test_joining_a_cluster_whose_auth_differs_is_one_line_and_exit_2(
+    heads: dict[str, str], tmp_path: Path, fashion_dir: Path, cluster: str, token: str | None, needles: tuple[str, ...]
+) -> None:
+    result = join(heads[cluster], tmp_path / "home", token, fashion_dir, tmp_path / "storage")
+    line = assert_one_line_error(result, f"cannot join the Ray cluster at {heads[cluster]}: ", *needles)
+    assert "disabled" not in line.replace("RAY_AUTH_MODE=disabled", "")  # never advice to turn token auth off
+    assert not (tmp_path / "storage" / "x").exists()  # refused before Ray and Tune: nothing written
+
+
+@pytest.mark.slow
+def test_joining_with_the_cluster_s_token_passes_the_check(heads: dict[str, str], tmp_path: Path) -> None:
+    """The same check lets a matching machine through: the cluster's own token here."""
+    code = "from text_recognizer.search.cluster import check_auth_matches, present_token_when_joining\n"
+    code += f"present_token_when_joining()\ncheck_auth_matches({heads['token']!r})\nprint('joined')\n"
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("a" * 64)
+    env = without_ray_auth(HOME=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0 and "joined" in result.stdout, result.stderr[-2000:]

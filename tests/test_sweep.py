@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import wandb
+from conftest import runs_written_here
 
 from text_recognizer.search.config import load_config
 from text_recognizer.search.spec import SearchSpec
 from text_recognizer.search.sweep import prior_run_ids, stop_sweep, sweep_config, wandb_sync_argv
-from text_recognizer.search.wandb_files import offline_runs
 from text_recognizer.search.wandb_logging import WandbTrialCallback, init_run, run_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +70,7 @@ def test_trial_runs_carry_the_sweep_in_their_settings_and_never_from_the_environ
     for run_id, sweep_id in (("s-online", "abc123"), ("s-offline", None)):
         run = init_run(sweep_id, project="p", id=run_id, group="s", dir=str(tmp_path), mode="offline", config={"fc1": 16})
         run.finish()
-    wandb.teardown()  # finish() can return before W&B's service wrote the last records: wait for it
-    runs = {run.id: run for run in offline_runs(tmp_path)}
+    runs = {run.id: run for run in runs_written_here(tmp_path)}
     assert runs["s-online"].sweep_id == "abc123" and runs["s-online"].config["fc1"] == 16
     assert runs["s-offline"].sweep_id == ""
     assert "WANDB_SWEEP_ID" not in os.environ

@@ -39,12 +39,16 @@ def tune_mlp(argv: Sequence[str] | None = None) -> dict[str, Any]:
             fail(f"tune_mlp.py {args.command}: error: unrecognized arguments: {' '.join(rest)}")
         return COMMANDS[args.command](args.folder)
     from text_recognizer.search.driver import run_search
+    from text_recognizer.search.failfast import EXIT_STATUS, SearchCannotTrain, check_some_trained
 
     try:
         check_versions()
         summary = run_search(argv)
+        check_some_trained(summary)
     except UserError as error:
         fail(f"tune_mlp.py: error: {error}")
+    except SearchCannotTrain as error:  # no trial trained: no result, exit 1
+        fail(f"tune_mlp.py: error: {error}", status=EXIT_STATUS)
     if summary["interrupted"]:  # the state is saved for --resume
         from text_recognizer.search.preemption import CTRL_C_STATUS, EXIT_STATUS
 

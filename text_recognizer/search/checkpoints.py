@@ -4,6 +4,10 @@ resumed trial starts from.
 - In the actor, `resumable`: a resumed trial starts from its newest readable checkpoint. Its newest one may be
   unreadable (a file truncated by a full disk or a killed copy); it then falls back to the one before, or to
   scratch, and says so in one line.
+- In the driver, at the start of a resumed search, `repair_tracked`: Tune's saved state of a trial may name checkpoints
+  that are gone from storage (the driver was killed after Tune deleted one but before the state that says so reached
+  the storage, which on S3 happens later). Tune would then refuse to restore the trial and end it in `error`. Instead
+  the trial resumes from its newest checkpoint that is on storage, or from scratch, and the search says so in one line.
 - In the driver, `CheckpointKeeper` (a Tune callback): once a trial has ended, only its best checkpoint is left,
   weights only. Unfinished trials keep what Tune keeps for `--resume`; a trial that errored keeps both, as
   `--resume` retries it from its newest.
@@ -16,6 +20,7 @@ fork-mode actor, which checks checkpoints here, never loads it.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import posixpath
@@ -29,7 +34,7 @@ from typing import Any
 import pyarrow.fs
 from ray import tune
 
-from text_recognizer.facts import CHECKPOINT_NAME, TRIAL_PREFIX, TrialStatus, search_ended
+from text_recognizer.facts import CHECKPOINT_NAME, HISTORY_NAME, TRIAL_PREFIX, TrialStatus, search_ended
 
 FOLDER = re.compile(r"checkpoint_(\d+)$")  # Tune's name for a trial's checkpoint folders
 TRAINER_STATE = ("optimizer_states", "lr_schedulers", "callbacks")  # what Lightning leaves out of weights-only files
@@ -135,8 +140,101 @@ def keep_only(best: tune.Checkpoint) -> list[str]:
     return deleted
 
 
+def stored_folders(checkpoint: tune.Checkpoint) -> dict[str, set[str]]:
+    """The checkpoint folders of `checkpoint`'s trial as they are on storage now, each with the names of its files:
+    one listing of the trial's folder (one request on S3)."""
+    fs, trial_dir = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
+    folders: dict[str, set[str]] = {}
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, recursive=True, allow_not_found=True)):
+        parent = posixpath.dirname(info.path)
+        if info.type == pyarrow.fs.FileType.File and FOLDER.search(parent):
+            folders.setdefault(parent, set()).add(info.base_name)
+    return folders
+
+
+def saved_metrics(fs: pyarrow.fs.FileSystem, folder: str) -> dict[str, Any] | None:
+    """The last epoch's metrics in the history saved beside a checkpoint's model file, as Tune's result of it (its
+    epoch is the trial's training_iteration); None when the history can't be read."""
+    try:
+        with fs.open_input_stream(posixpath.join(folder, HISTORY_NAME)) as stream:
+            last = json.loads(stream.readall())[-1]
+        return {**last, "training_iteration": int(last["epoch"])}
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        return None
+
+
+def retrack(trial: Any, present: set[str], newest: tuple[tune.Checkpoint, dict[str, Any]] | None) -> None:
+    """Rewrite the checkpoints Tune tracks for `trial`: keep those whose folder is in `present`, and make `newest` (a
+    checkpoint and its metrics; None: none, the trial starts from scratch) its latest, the one Tune restores.
+
+    Tune has no public way to do this: Ray 2.60 keeps them in the private `_checkpoint_results` and
+    `_latest_checkpoint_result` of the trial's `_CheckpointManager`, each a private `_TrainingResult`. This is the
+    one place that reaches into them (tests/test_checkpoints.py checks it on Ray's own classes, so a Ray release
+    that moves them fails there, loudly)."""
+    from ray.train._internal.session import _TrainingResult
+
+    manager = trial.run_metadata.checkpoint_manager
+    if not all(hasattr(manager, name) for name in ("_checkpoint_results", "_latest_checkpoint_result", "_get_checkpoint_score")):
+        raise RuntimeError("this Ray release tracks a trial's checkpoints elsewhere: update checkpoints.retrack")
+    kept = [result for result in manager._checkpoint_results if result.checkpoint.path.rstrip("/") in present]
+    latest = None
+    if newest is not None:
+        path = newest[0].path.rstrip("/")
+        latest = next((r for r in kept if r.checkpoint.path.rstrip("/") == path), None) or _TrainingResult(*newest)
+        kept += [] if latest in kept else [latest]
+    manager._checkpoint_results = sorted(kept, key=manager._get_checkpoint_score)  # ascending, as Tune keeps them
+    manager._latest_checkpoint_result = latest
+    trial.invalidate_json_state()  # the next experiment state saved holds the repaired one
+    trial.run_metadata.invalidate_cache()
+
+
+def repair_tracked(trial: Any) -> str | None:
+    """Before a resumed trial is restored: drop the checkpoints Tune's state names for it that are gone from storage;
+    if its latest is gone, it resumes from its newest checkpoint folder on storage that holds a model file and its
+    history (also one newer than Tune's state knows of), or from scratch. Returns the one-line warning then, else None."""
+    _, latest = tracked(trial)
+    if latest is None:
+        return None
+    manager = trial.run_metadata.checkpoint_manager
+    named = [r.checkpoint for r in [*manager.best_checkpoint_results, manager.latest_checkpoint_result]]
+    stored = stored_folders(latest)
+    present = {path for path, files in stored.items() if CHECKPOINT_NAME in files}
+    if all(checkpoint.path.rstrip("/") in present for checkpoint in named):
+        return None
+    gone = posixpath.basename(latest.path.rstrip("/"))
+    if latest.path.rstrip("/") in present:  # only an older one is gone: where the trial resumes is unchanged
+        retrack(trial, present, (latest, manager.latest_checkpoint_result.metrics))
+        return None
+    newest = None
+    for folder in sorted(present, key=lambda path: int(FOLDER.search(path).group(1)), reverse=True):
+        metrics = saved_metrics(latest.filesystem, folder) if HISTORY_NAME in stored[folder] else None
+        if metrics is not None:
+            newest = tune.Checkpoint(folder, filesystem=latest.filesystem), metrics
+            break
+    retrack(trial, present, newest)
+    if newest is None:
+        return f"{gone}, which Tune's state names, is gone from storage: restarted from scratch"
+    # its next checkpoint goes to a new folder, not over the one it resumes from
+    trial.storage.current_checkpoint_index = max(trial.storage.current_checkpoint_index, index(newest[0]))
+    return f"{gone}, which Tune's state names, is gone from storage: resumed from {posixpath.basename(newest[0].path)}"
+
+
 class CheckpointKeeper(tune.Callback):
-    """Prunes an ended trial's checkpoints to its best one, weights only; prints a resumed trial's fallback warning."""
+    """Repairs a resumed search's state of checkpoints gone from storage; prunes an ended trial's checkpoints to its
+    best one, weights only; prints a resumed trial's fallback warning."""
+
+    def __init__(self) -> None:
+        self.repaired = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """Tune's first step, before it starts (and restores) any trial: a resumed search's trials are all there."""
+        if self.repaired:
+            return
+        self.repaired = True
+        for trial in trials:
+            warning = repair_tracked(trial)
+            if warning:
+                print(f"warning: trial {trial.trial_id}: {warning}", file=sys.stderr, flush=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get(WARNING_KEY):

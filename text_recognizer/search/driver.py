@@ -26,6 +26,7 @@ from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, TRIAL_PREFIX, se
 from text_recognizer.search import storage, tune_actor
 from text_recognizer.search.checkpoints import CheckpointKeeper, keep_best_trials
 from text_recognizer.search.cluster import ray_cluster
+from text_recognizer.search.failfast import FIRST, FailFast
 from text_recognizer.search.preemption import Preemption
 from text_recognizer.search.progress import Progress
 from text_recognizer.search.report import write_report
@@ -236,6 +237,7 @@ def fit(
     if spec.output == "progress":
         config = spec.config
         callbacks.append(Progress(config.metric, config.mode, config.max_t, list(config.space)))
+    callbacks.append(FailFast(min(FIRST, spec.config.num_samples)))  # last: a failed trial's run and line come first
     if spec.resume:
         where = tune_storage(spec)
         tuner = tune.Tuner.restore(
@@ -253,9 +255,11 @@ def fit(
     began = time.time()
     if spec.config.time_budget is not None:  # when Tune's stopper will have spent the budget left, at the latest
         wandb_callback.deadline = began + spec.config.time_budget - record["wall_seconds"]
-    with tune_environment(spec.output), kept_out(spec.wandb_mode):
-        grid = tuner.fit()
-    wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over
+    try:
+        with tune_environment(spec.output), kept_out(spec.wandb_mode):
+            grid = tuner.fit()
+    finally:  # also when FailFast stopped the search
+        wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over
     record["wall_seconds"] += time.time() - began
     (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
     if spec.storage:  # the trials' logs (not their checkpoints) for the results and the report
@@ -270,11 +274,15 @@ def tune_environment(output: str) -> Iterator[None]:
         # Tune's newer console output prints a settings box even at verbose=0: only --verbose wants Tune's output
         "RAY_AIR_NEW_OUTPUT": "1" if output == "tune" else "0",
         "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # JSON and CSV are given explicitly: no TensorBoard files per trial
+        # a failed trial's traceback stays in its error.txt; FailFast prints one line for it instead
+        "TUNE_PRINT_ALL_TRIAL_ERRORS": "1" if output == "tune" else "0",
+        # ...and Ray's driver would print it again, for the failed trial's result that Tune never fetched
+        "RAY_IGNORE_UNHANDLED_ERRORS": None if output == "tune" else "1",
         # a snapshot per checkpoint is what makes --resume lose nothing; don't warn about its cost
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     }
     saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
+    os.environ.update({key: value for key, value in values.items() if value is not None})
     # a trial that never started (the time budget ended the search first) has no results: Tune warns of each one,
     # a line a trial, when it builds the ResultGrid; summary.json counts them as not_started
     analysis = logging.getLogger("ray.tune.analysis.experiment_analysis")
