@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -104,8 +105,25 @@ def test_winner(spec: SearchSpec, best: dict | None, data: ray.ObjectRef, rows: 
 
     checkpoint = tune.Checkpoint(os.path.dirname(best["checkpoint"]), filesystem=tune_storage(spec).get("storage_filesystem"))
     config = with_precision(best["config"], best.get("precision"))
-    with checkpoint.as_directory() as directory:
+    with checkpoint.as_directory() as directory, quiet_lightning():
         return {**best, **trial_process.test_winner(config, os.path.join(directory, CHECKPOINT_NAME), ray.get(data))}
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's banners and warnings (devices, AMP, tips) kept out of the search's output while the driver tests the
+    winner: a trial's go to its worker's log, and this is the driver's one Trainer."""
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def local_winner(spec: SearchSpec, best: dict | None) -> dict | None:
