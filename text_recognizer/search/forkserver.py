@@ -19,6 +19,10 @@ gone, or after IDLE_SECONDS without trials. A trial process exits when its Tune 
 (watchdog) or when the actor kills it (the trial was stopped). Outside Ray's supervision: Ray's memory
 monitor and `ray stop` don't see it (see the README for when to choose it).
 
+Why not multiprocessing's forkserver: its server imports only what `set_forkserver_preload` names once and serves
+one parent process; this one is shared by every Tune actor on a node (a socket in a private directory), holds the
+decoded dataset for all of them, and outlives the actor that started it, watching its raylet.
+
 Imports the standard library only: it sits at the bottom of the import graph.
 """
 
