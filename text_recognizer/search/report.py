@@ -101,7 +101,7 @@ def plot_curves(summary: dict[str, Any], curves: dict[str, list[dict]], path: Pa
     with_curves = [trial for trial in searched.trials if trial.intermediate_values]
     axes = vis.plot_intermediate_values(searched)
     for rung in rungs(settings):
-        axes.axvline(rung, color="0.85", linestyle="--", zorder=0)
+        axes.axvline(rung, color="0.35", linestyle="--", linewidth=1, zorder=1)  # seen on Optuna's grey (ggplot) axes
     for trial in with_curves:
         if trial.user_attrs["status"] == TrialStatus.STOPPED_EARLY:
             epoch = max(trial.intermediate_values)
@@ -143,6 +143,13 @@ def plot_optuna(draw: Any, summary: dict[str, Any], path: Path) -> None:
     """One of Optuna's matplotlib plots of the search's study (parallel coordinates, slices), saved to `path`."""
     drawn = draw(study(summary, {}))
     axes = drawn.flat[0] if isinstance(drawn, np.ndarray) else drawn
+    if isinstance(drawn, np.ndarray):  # the slices' colour bar (trial numbers) lands on the last slice: drop it
+        for extra in set(axes.figure.axes) - set(drawn.flat):
+            extra.remove()
+    # Optuna sizes them for a notebook: room for an axis (or a slice) a parameter, and for the colour bar beside them
+    axes.figure.set_size_inches(
+        max(8, 2.2 * (len(summary["space"]) + 1)) if draw is vis.plot_parallel_coordinate else 4 * len(summary["space"]) + 2, 5
+    )
     _save(axes.figure, path)
 
 
