@@ -1,9 +1,9 @@
 """Runs as its own process, one per node: imports what trials need once, holds the data once, forks a trial per request.
 
-Opt-in (`--trial-process fork`). A Ray worker that imports torch (CUDA build) and Lightning holds ~430 MB
-of private memory before it trains anything, so every concurrent trial in its own actor costs ~600 MB.
+Opt-in (`--trial-process fork`). A Ray worker that imports torch (CUDA build) and Lightning holds hundreds of MB
+of private memory before it trains anything, and every concurrent trial in its own actor pays it again.
 Forked children share those pages (and the decoded dataset) copy-on-write with their parent, so an extra
-trial costs its Tune actor (Ray only, no torch, ~130 MB) plus what its training writes (~40 MB).
+trial costs its Tune actor (Ray only, no torch) plus what its training writes (measured: docs/benchmarks.md).
 
     Tune actor (tune_actor.train_in_fork) --unix socket--> fork server (one per node and code version)
                                                               | fork()
