@@ -72,8 +72,8 @@ def test_one_curve_per_trial_that_reported(tmp_path: Path) -> None:
 def test_importance_finds_the_hyperparameter_that_decides(tmp_path: Path) -> None:
     summary = write_search(tmp_path / "r")
     scores = importance(summary)
-    assert max(scores, key=scores.get) == "optimizer" and scores["optimizer"] > 0.9
-    assert scores["fc1"] < 0.2 and scores["lr"] < 0.5
+    assert max(scores, key=scores.get) == "optimizer" and scores["optimizer"] > 0.8  # Optuna's fANOVA, seeded
+    assert scores["fc1"] < 0.1 and scores["lr"] < 0.2 and sum(scores.values()) == pytest.approx(1)
 
 
 def test_the_page_ranks_the_trials_and_shows_the_winners_test_accuracy(tmp_path: Path) -> None:

@@ -102,6 +102,7 @@ def test_summary_files_and_the_wandb_summary_table_name_the_search_metric(tmp_pa
     ]
     rows, best = collect(results, spec, {})
     summary = summarize(spec, rows, best, wall_seconds=1.0)
+    assert repr(summary["statuses"]) == "{'stopped_early': 2}"  # printed as it is in the final report's first line
     write_results(summary, spec.folder)
     assert json.loads((spec.folder / "summary.json").read_text())["best"]["trial_id"] == "b"
     assert list(pd.read_csv(spec.folder / "trials.csv")["trial_id"]) == ["a", "b"]

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import wandb
 from conftest import runs_written_here
 
-from text_recognizer.search.config import load_config
+from text_recognizer.search.config import CONFIGS_DIR, load_config
 from text_recognizer.search.spec import SearchSpec
 from text_recognizer.search.sweep import prior_run_ids, stop_sweep, sweep_config, wandb_sync_argv
 from text_recognizer.search.wandb_logging import WandbTrialCallback, init_run, run_settings
@@ -135,3 +136,28 @@ def test_a_failed_upload_is_a_one_line_error(failing_wandb, tmp_path: Path, conf
     assert done.stderr.splitlines()[-1] == (
         "tune_mlp.py sync: error: wandb sync failed (exit status 1): no sweep was created; fix the above and run sync again"
     )
+
+
+def schema_violations(sweep: dict) -> list[str]:
+    """What W&B's own sweep engine (the `sweeps` package, its config schema) finds wrong with a sweep config."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sweeps 0.2 configures pydantic with v1 names: a warning at import
+        from sweeps.config import schema_violations_from_proposed_config
+
+        return schema_violations_from_proposed_config(sweep)
+
+
+@pytest.mark.parametrize("path", [*sorted(CONFIGS_DIR.glob("*.yaml")), None], ids=lambda p: p.stem if p else "test-space")
+@pytest.mark.parametrize("search_alg", ["random", "optuna"])
+def test_w_and_b_s_sweep_engine_accepts_every_shipped_sweep(path: Path | None, search_alg: str, config) -> None:
+    searched = replace(load_config(path) if path else config, search_alg=search_alg)
+    if path is None and search_alg == "optuna":
+        searched = replace(searched, space={k: v for k, v in searched.space.items() if "grid" not in v})
+    assert schema_violations(sweep_config("s", searched)) == []
+
+
+def test_w_and_b_s_sweep_engine_refuses_what_w_and_b_would(config) -> None:
+    """The check can fail: a method W&B lacks and the base-e log_uniform, which our loguniform is not."""
+    sweep = sweep_config("s", config)
+    assert schema_violations({**sweep, "method": "tpe"})
+    assert schema_violations({**sweep, "parameters": {"lr": {"distribution": "log_uniform", "min": 1e-4, "max": 1e-2}}})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from text_recognizer.search.trial_process import train_trial
-from text_recognizer.training import epoch_metrics, parse_args, train
+from text_recognizer.training import default_wandb_mode, epoch_metrics, parse_args, train
 
 
 def test_a_diverged_run_stops_after_its_first_diverged_epoch(tiny_data_dir: Path) -> None:
@@ -76,3 +76,22 @@ def test_precision_auto_resolves_for_the_device_and_the_run_records_it(
     config = {"data_dir": str(tiny_data_dir), "max_epochs": 1, "fc1": 16, "fc2": 8, **dict(f[2:].split("=") for f in flag)}
     train_trial(config, None, lambda metrics, _: reports.append(metrics), checkpoint=None, threads=1, gpu_ids=[], started=0.0)
     assert [metrics["precision"] for metrics in reports] == [expected]
+
+
+def test_wandb_credentials_are_looked_up_for_the_configured_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key in netrc for a self-hosted server (WANDB_BASE_URL) means online there; W&B's cloud needs its own."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine wandb.example.com\n  login user\n  password local-key\n")
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert default_wandb_mode() == "offline"  # a key for another server is no key for api.wandb.ai
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com:8080")
+    assert default_wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "http://other.example.com")
+    assert default_wandb_mode() == "offline"
+    netrc_file.write_text("machine api.wandb.ai login user password cloud-key\n")
+    monkeypatch.delenv("WANDB_BASE_URL")
+    assert default_wandb_mode() == "online"
+    netrc_file.write_text("machine api.wandb.ai login user\n")  # no password: no key
+    assert default_wandb_mode() == "offline"

@@ -62,6 +62,11 @@ def resume_command(name: str, storage: str) -> str:
     return shlex.join(["python", SEARCH_SCRIPT, "--resume", "--name", name, "--storage-path", storage])
 
 
+def leet_command(folder: str) -> str:
+    """The command line of W&B's terminal viewer (wandb leet) on a search's offline runs: every trial's curves, live."""
+    return shlex.join(["wandb", "leet", str(Path(folder) / "wandb")])
+
+
 def search_sync_command(folder: str) -> str:
     """The command line that uploads an offline search's W&B runs and makes them a sweep."""
     return shlex.join(["python", SEARCH_SCRIPT, "sync", folder])

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import netrc
 import os
 import time
+import urllib.parse
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -153,15 +155,29 @@ def resolve_precision(precision: str, gpu: bool) -> str:
 
 
 def default_wandb_mode() -> str:
-    """WANDB_MODE if set, else online when W&B credentials exist, else offline."""
+    """WANDB_MODE if set, else online when W&B credentials exist for the configured server, else offline."""
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     if os.environ.get("WANDB_API_KEY"):
         return "online"
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return "online"
-    return "offline"
+    return "online" if netrc_has_key(wandb_host()) else "offline"
+
+
+def wandb_host() -> str:
+    """The W&B server's host name: WANDB_BASE_URL's (a self-hosted server), else W&B's cloud, as the SDK picks it."""
+    url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    return urllib.parse.urlsplit(url if "://" in url else f"https://{url}").hostname or url
+
+
+def netrc_has_key(host: str) -> bool:
+    """Whether the netrc file that `wandb login` writes ($NETRC, else ~/.netrc) holds a key for `host`. Read with
+    the standard library: importing W&B to ask it costs a second, and a --wandb-mode disabled search never does."""
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host) if path.is_file() else None
+    except (netrc.NetrcParseError, OSError):
+        return False
+    return bool(entry and entry[2])  # the key is the entry's password
 
 
 class EpochTimer(Callback):

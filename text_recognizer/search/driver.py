@@ -23,7 +23,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from text_recognizer.data import DATA_CLASSES
-from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, TRIAL_PREFIX, search_ended, with_precision
+from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, TRIAL_PREFIX, leet_command, search_ended, with_precision
 from text_recognizer.search import storage, tune_actor
 from text_recognizer.search.checkpoints import CheckpointKeeper, keep_best_trials
 from text_recognizer.search.cluster import ray_cluster
@@ -248,6 +248,8 @@ def fit(
     """Build the Tuner (or restore it, with --resume) and fit it; returns its ResultGrid, the trials' start clock,
     the search's wall seconds over all its drivers and its W&B sweep (online)."""
     record = open_folder(spec)
+    if spec.wandb_mode == "offline" and spec.output != "quiet":
+        print(f"W&B runs are offline; watch them live with:  {leet_command(str(spec.folder))}", flush=True)
     function = trainable(spec, data)
     clock, wandb_callback = TrialClock(), WandbTrialCallback(spec, record["sweep_id"])
     callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), clock, CheckpointKeeper(), *extra]

@@ -1,9 +1,9 @@
 """Runs as its own process, one per node: imports what trials need once, holds the data once, forks a trial per request.
 
-Opt-in (`--trial-process fork`). A Ray worker that imports torch (CUDA build) and Lightning holds ~430 MB
-of private memory before it trains anything, so every concurrent trial in its own actor costs ~600 MB.
+Opt-in (`--trial-process fork`). A Ray worker that imports torch (CUDA build) and Lightning holds hundreds of MB
+of private memory before it trains anything, and every concurrent trial in its own actor pays it again.
 Forked children share those pages (and the decoded dataset) copy-on-write with their parent, so an extra
-trial costs its Tune actor (Ray only, no torch, ~130 MB) plus what its training writes (~40 MB).
+trial costs its Tune actor (Ray only, no torch) plus what its training writes (measured: docs/benchmarks.md).
 
     Tune actor (tune_actor.train_in_fork) --unix socket--> fork server (one per node and code version)
                                                               | fork()
@@ -18,6 +18,10 @@ initialised is unusable); each trial process initialises its own. It exits when 
 gone, or after IDLE_SECONDS without trials. A trial process exits when its Tune actor is gone
 (watchdog) or when the actor kills it (the trial was stopped). Outside Ray's supervision: Ray's memory
 monitor and `ray stop` don't see it (see the README for when to choose it).
+
+Why not multiprocessing's forkserver: its server imports only what `set_forkserver_preload` names once and serves
+one parent process; this one is shared by every Tune actor on a node (a socket in a private directory), holds the
+decoded dataset for all of them, and outlives the actor that started it, watching its raylet.
 
 Imports the standard library only: it sits at the bottom of the import graph.
 """

@@ -20,6 +20,12 @@ EVERY = 10.0  # seconds between status lines: often enough to see it move, rarel
 
 
 class Progress(tune.Callback):
+    """Our console output: a line per trial that ends (its status, epochs, metric and config) and, every EVERY
+    seconds, one status line (trials done/running/pending, the best so far).
+
+    Why not Tune's CLIReporter: it reprints a table of every trial at each update, a screen per update of a
+    50-trial search, and names no trial's outcome as summary.json does (stopped_early, diverged, ...)."""
+
     def __init__(
         self, metric: str, mode: str, max_t: int, params: list[str], file: TextIO = sys.stdout, every: float = EVERY
     ) -> None:

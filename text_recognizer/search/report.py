@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,15 @@ matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+import optuna.visualization.matplotlib as vis  # noqa: E402
 
 from text_recognizer.facts import REPORT_PAGE, SUMMARY_FILE, TRIAL_PREFIX, TrialStatus  # noqa: E402
 from text_recognizer.search.results import finite, ranked, short  # noqa: E402
 from text_recognizer.util import UserError  # noqa: E402
 
 TOP = 10  # rows of the report's table
-IMPORTANCE_METHOD = "eta²: share of the metric's variance explained\nby each hyperparameter alone (its groups' means)"
+IMPORTANCE_METHOD = "Optuna's fANOVA: each hyperparameter's share\nof the best metric's variance (a random forest's)"
 
 
 def load_summary(folder: Path) -> dict[str, Any]:
@@ -59,126 +61,96 @@ def rungs(settings: dict[str, Any]) -> list[int]:
     return found
 
 
-def plot_curves(summary: dict[str, Any], curves: dict[str, list[dict]], path: Path) -> int:
-    """The metric per epoch, one line per trial; a trial ASHA stopped ends in a cross at its rung. Returns the
-    number of curves drawn."""
-    metric, settings = summary["settings"]["metric"], summary["settings"]
-    status = {row["trial_id"]: row["status"] for row in summary["trials"]}
-    figure, axes = plt.subplots(figsize=(9, 5))
-    drawn = 0
-    for rung in rungs(settings):
-        axes.axvline(rung, color="0.85", linestyle="--", zorder=0)
-    for trial_id, results in curves.items():
-        epochs = [r["training_iteration"] for r in results if finite(r.get(metric)) is not None]
-        values = [r[metric] for r in results if finite(r.get(metric)) is not None]
-        if not values:
+def study(summary: dict[str, Any], curves: dict[str, list[dict]]) -> optuna.Study:
+    """The search as an Optuna study, for Optuna's importance evaluators and plots: a trial per trial with a finite
+    best metric, its searched values in their distributions, its best metric as its value, its epochs' metric as
+    its intermediate values."""
+    metric = summary["settings"]["metric"]
+    distributions = {param: distribution(spec) for param, spec in summary["space"].items()}
+    made = optuna.create_study(direction="maximize" if summary["settings"]["mode"] == "max" else "minimize")
+    key = f"best_{metric}"
+    for row in summary["trials"]:
+        if finite(row.get(key)) is None:
             continue
-        (line,) = axes.plot(epochs, values, marker=".", linewidth=1, alpha=0.8)
-        drawn += 1
-        if status[trial_id] == TrialStatus.STOPPED_EARLY:
-            axes.plot(epochs[-1], values[-1], marker="x", markersize=9, color=line.get_color())
-    axes.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch, {drawn} trials (x: stopped by ASHA; dashed: rungs)")
-    axes.set_xlim(0.5, settings["max_t"] + 0.5)
-    _save(figure, path)
-    return drawn
-
-
-def numeric_axis(values: list[Any], spec: dict[str, Any]) -> tuple[np.ndarray, list[str], bool]:
-    """A hyperparameter's values as numbers for plotting, tick labels for categories, and whether to use a log scale."""
-    kind, choices = next(iter(spec.items()))
-    if kind in ("choice", "grid") and not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
-        labels = [str(c) for c in choices]
-        return np.array([labels.index(str(v)) if str(v) in labels else np.nan for v in values], float), labels, False
-    return np.array([v if v is not None else np.nan for v in values], float), [], kind == "loguniform"
-
-
-def searched(summary: dict[str, Any]) -> tuple[list[dict], list[str], np.ndarray]:
-    """The trials with a finite best metric, the searched hyperparameters, and the best metric of each trial."""
-    key = f"best_{summary['settings']['metric']}"
-    rows = [row for row in summary["trials"] if finite(row.get(key)) is not None]
-    return rows, list(summary["space"]), np.array([row[key] for row in rows], float)
-
-
-def plot_parallel(summary: dict[str, Any], path: Path) -> None:
-    """Parallel coordinates: one axis per hyperparameter and one for the metric, a line per trial coloured by it."""
-    rows, params, metric_values = searched(summary)
-    figure, axes = plt.subplots(figsize=(max(6, 1.8 * (len(params) + 1)), 5))
-    columns, labels = [], []
-    for param in params:
-        values, ticks, log = numeric_axis([row["config"].get(param) for row in rows], summary["space"][param])
-        values = np.log10(values) if log else values
-        present = values[np.isfinite(values)]
-        low, high = (present.min(), present.max()) if len(present) else (0.0, 1.0)
-        columns.append((values - low) / (high - low or 1))
-        labels.append(ticks or [f"{10**low:.2g}" if log else f"{low:.3g}", f"{10**high:.2g}" if log else f"{high:.3g}"])
-    low, high = (metric_values.min(), metric_values.max()) if len(metric_values) else (0, 1)
-    columns.append((metric_values - low) / (high - low or 1))
-    labels.append([f"{low:.4f}", f"{high:.4f}"])
-    names = [*params, summary["settings"]["metric"]]
-    colours = plt.get_cmap("viridis")((metric_values - low) / (high - low or 1))
-    for i in np.argsort(metric_values):  # the best drawn last, on top
-        axes.plot(range(len(names)), [column[i] for column in columns], color=colours[i], alpha=0.8)
-    for x, ticks in enumerate(labels):
-        axes.axvline(x, color="0.3", linewidth=0.8)
-        positions = np.linspace(0, 1, len(ticks))
-        for y, tick in zip(positions, ticks, strict=True):
-            axes.annotate(tick, (x, y), xytext=(4, 0), textcoords="offset points", fontsize=8, va="center")
-    axes.set_xticks(range(len(names)), names)
-    axes.set_yticks([])
-    axes.set_title(f"parallel coordinates of {len(rows)} trials, coloured by best {summary['settings']['metric']}")
-    _save(figure, path)
-
-
-def plot_scatter(summary: dict[str, Any], path: Path) -> None:
-    """The best metric of each trial against each hyperparameter."""
-    rows, params, metric_values = searched(summary)
-    across = min(3, len(params))
-    down = math.ceil(len(params) / across)
-    figure, grid = plt.subplots(down, across, figsize=(4 * across, 3.2 * down), squeeze=False, sharey=True)
-    for axes in grid.flat[len(params) :]:
-        axes.set_visible(False)
-    for axes, param in zip(grid.flat, params, strict=False):
-        values, ticks, log = numeric_axis([row["config"].get(param) for row in rows], summary["space"][param])
-        axes.scatter(values, metric_values, s=18, alpha=0.8)
-        if log:
-            axes.set_xscale("log")
-        if ticks:
-            axes.set_xticks(range(len(ticks)), ticks)
-        axes.set_xlabel(param)
-    for row in grid:
-        row[0].set_ylabel(f"best {summary['settings']['metric']}")
-    _save(figure, path)
-
-
-def importance(summary: dict[str, Any]) -> dict[str, float]:
-    """Each hyperparameter's eta²: the share of the variance of the best metric that its groups (its categories,
-    or quantile bins of a number, at least 3 trials a bin) explain alone. 0 for nothing, 1 for everything; a
-    rough, model-free estimate that few trials overstate."""
-    rows, params, metric_values = searched(summary)
-    bins = max(2, min(4, len(rows) // 3))
-    total = float(np.var(metric_values)) if len(metric_values) > 1 else 0.0
-    scores = {}
-    for param in params:
-        values, ticks, _ = numeric_axis([row["config"].get(param) for row in rows], summary["space"][param])
-        if ticks or len(set(values.tolist())) <= bins:
-            groups = values
-        else:
-            edges = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
-            groups = np.digitize(values, edges)
-        between = sum(
-            (groups == g).sum() * (metric_values[groups == g].mean() - metric_values.mean()) ** 2 for g in np.unique(groups)
+        epochs = {
+            r["training_iteration"]: r[metric] for r in curves.get(row["trial_id"], []) if finite(r.get(metric)) is not None
+        }
+        params = {param: row["config"].get(param) for param in distributions}
+        trial = optuna.trial.create_trial(
+            params=params, distributions=distributions, value=row[key], intermediate_values=epochs, user_attrs=row
         )
-        scores[param] = float(between / len(metric_values) / total) if total else 0.0
-    return scores
+        made.add_trial(trial)
+    return made
 
 
-def plot_importance(scores: dict[str, float], path: Path) -> None:
+def distribution(spec: dict[str, Any]) -> optuna.distributions.BaseDistribution:
+    """One sampler of our YAML as Optuna's distribution (randint's high is exclusive, IntDistribution's not)."""
+    ((kind, value),) = spec.items()
+    if kind in ("choice", "grid"):
+        return optuna.distributions.CategoricalDistribution(value)
+    if kind == "randint":
+        return optuna.distributions.IntDistribution(value[0], value[1] - 1)
+    return optuna.distributions.FloatDistribution(value[0], value[1], log=kind == "loguniform")
+
+
+def plot_curves(summary: dict[str, Any], curves: dict[str, list[dict]], path: Path) -> int:
+    """The metric per epoch, one line per trial (Optuna's intermediate-values plot), with ASHA's marks drawn on its
+    axes: dashed lines at the rungs, a cross where ASHA stopped a trial. Returns the number of curves drawn."""
+    metric, settings = summary["settings"]["metric"], summary["settings"]
+    searched = study(summary, curves)
+    with_curves = [trial for trial in searched.trials if trial.intermediate_values]
+    axes = vis.plot_intermediate_values(searched)
+    for rung in rungs(settings):
+        axes.axvline(rung, color="0.35", linestyle="--", linewidth=1, zorder=1)  # seen on Optuna's grey (ggplot) axes
+    for trial in with_curves:
+        if trial.user_attrs["status"] == TrialStatus.STOPPED_EARLY:
+            epoch = max(trial.intermediate_values)
+            axes.plot(epoch, trial.intermediate_values[epoch], marker="x", markersize=9, color="black", zorder=3)
+    if axes.get_legend():
+        axes.get_legend().remove()  # a trial number a line: unreadable past a few trials, and the table names them
+    axes.set(
+        xlabel="epoch", ylabel=metric, title=f"{metric} per epoch, {len(with_curves)} trials (x: stopped by ASHA; dashed: rungs)"
+    )
+    axes.set_xlim(0.5, settings["max_t"] + 0.5)
+    _save(axes.figure, path)
+    return len(with_curves)
+
+
+def importance(summary: dict[str, Any], curves: dict[str, list[dict]] | None = None) -> dict[str, float]:
+    """Each hyperparameter's share of the best metric's variance, by Optuna's fANOVA evaluator (a random forest
+    fitted to the trials; the shares sum to 1). fANOVA, not PED-ANOVA: PED-ANOVA compares the top 10% of trials
+    with the rest, which is one trial in a small search (it ranked a decisive optimizer last on 7 trials), and
+    fANOVA is Optuna's default; MeanDecreaseImpurity is its cruder cousin on the same forest."""
+    searched = study(summary, curves or {})
+    if len(searched.trials) < 2 or len(summary["space"]) < 2:  # one parameter explains all there is
+        return {param: float(len(searched.trials) >= 2) for param in summary["space"]}
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    scores = optuna.importance.get_param_importances(searched, evaluator=evaluator)
+    return {param: float(scores.get(param, 0.0)) for param in summary["space"]}
+
+
+def plot_importance(summary: dict[str, Any], path: Path) -> None:
+    scores = importance(summary)
     figure, axes = plt.subplots(figsize=(7, 0.5 * len(scores) + 2))
     ordered = sorted(scores, key=scores.get)
     axes.barh(ordered, [scores[p] for p in ordered], color="tab:blue")
     axes.set_xlim(0, 1)
     axes.set_title(f"parameter importance, {IMPORTANCE_METHOD}", fontsize=10)
     _save(figure, path)
+
+
+def plot_optuna(draw: Any, summary: dict[str, Any], path: Path) -> None:
+    """One of Optuna's matplotlib plots of the search's study (parallel coordinates, slices), saved to `path`."""
+    drawn = draw(study(summary, {}))
+    axes = drawn.flat[0] if isinstance(drawn, np.ndarray) else drawn
+    if isinstance(drawn, np.ndarray):  # the slices' colour bar (trial numbers) lands on the last slice: drop it
+        for extra in set(axes.figure.axes) - set(drawn.flat):
+            extra.remove()
+    # Optuna sizes them for a notebook: room for an axis (or a slice) a parameter, and for the colour bar beside them
+    axes.figure.set_size_inches(
+        max(8, 2.2 * (len(summary["space"]) + 1)) if draw is vis.plot_parallel_coordinate else 4 * len(summary["space"]) + 2, 5
+    )
+    _save(axes.figure, path)
 
 
 def write_report(folder: Path, summary: dict[str, Any] | None = None, top: int = TOP) -> Path:
@@ -191,14 +163,17 @@ def write_report(folder: Path, summary: dict[str, Any] | None = None, top: int =
     out.mkdir(exist_ok=True)
     figures = {
         "curves.png": lambda p: plot_curves(summary, curves, p),
-        "parallel_coordinates.png": lambda p: plot_parallel(summary, p),
-        "metric_vs_hyperparameters.png": lambda p: plot_scatter(summary, p),
-        "importance.png": lambda p: plot_importance(importance(summary), p),
+        "parallel_coordinates.png": lambda p: plot_optuna(vis.plot_parallel_coordinate, summary, p),
+        "metric_vs_hyperparameters.png": lambda p: plot_optuna(vis.plot_slice, summary, p),
+        "importance.png": lambda p: plot_importance(summary, p),
     }
     if not summary["space"]:  # every hyperparameter fixed (a benchmark's one configuration): nothing to plot them against
         figures = {"curves.png": figures["curves.png"]}
-    for name, draw in figures.items():
-        draw(out / name)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per study the report builds
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # Optuna's matplotlib plots, since 2.2
+        for name, draw in figures.items():
+            draw(out / name)
     page.write_text(render(summary, {name: out / name for name in figures}, top))
     return page
 
@@ -249,6 +224,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{max-width:1
 
 
 def _save(figure: Any, path: Path) -> None:
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a colour bar's axes (Optuna's plots) don't take tight_layout
+        figure.tight_layout()
+    figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)

@@ -90,7 +90,8 @@ def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float], 
     trial_config, epochs = dict(result.config or {}), int(last.get("training_iteration", 0))
     row = {
         "trial_id": trial_id,
-        "status": trial_status(last, config.max_t, error=result.error is not None, budget_ended=budget_ended),
+        # the plain string: a row is data, printed (as in the statuses' dict) and written as it is
+        "status": trial_status(last, config.max_t, error=result.error is not None, budget_ended=budget_ended).value,
         "epochs": epochs,
         "config": trial_config,
         **{key: finite(last.get(key)) for key in FINAL_METRICS},

@@ -37,7 +37,7 @@ from text_recognizer.util import Parser, UserError
 STORAGE_PATH = Path("logs") / "search"
 TRIALS_PER_GPU = 4  # small models leave most of a GPU idle: pack four trials onto each one
 # a finished search keeps the checkpoints of its best trials only (replay needs flags, the report metrics); each is
-# weights only, ~1-11 MB for the default space: 3 of a 50-sample search come to < 1 MB per trial
+# weights only (their sizes: docs/benchmarks.md)
 KEEP_CHECKPOINTS = 3
 MAX_FAILURES = 2  # retries of a trial whose worker died, each from its newest checkpoint
 TRIAL_PROCESSES = ("actor", "fork")  # where a trial trains: its Tune actor (Ray's way), or a fork server's child

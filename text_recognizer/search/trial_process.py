@@ -37,6 +37,10 @@ class ReportCallback(EpochTimer, Checkpoint):
     At train-epoch end Lightning has already validated, so one report carries both, and ASHA decides
     at every epoch. Being a Checkpoint callback, it runs after LightningModule.on_train_epoch_end, where
     the epoch's metrics are logged.
+
+    Why not Ray's TuneReportCheckpointCallback: it calls tune.report, which a fork-mode trial process (no Ray
+    session) can't, so this one reports through `report`; and it saves Lightning's full checkpoint, without the
+    epoch history, timings and node/resource fields that summary.json and W&B read from each report.
     """
 
     def __init__(

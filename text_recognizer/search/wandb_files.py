@@ -3,6 +3,9 @@
 The `.wandb` file is a LevelDB-style log of protobuf `Record`s: a 7-byte file header, then 32 KiB blocks
 of chunks, each with a 7-byte header (crc32c, length, type) and a record split FULL or FIRST/MIDDLE/LAST.
 W&B 0.31 no longer ships a Python reader, so this one lets tests and reports check what a search wrote.
+
+Why not the SDK: wandb 0.31 reads `.wandb` files only in its Go core (`wandb sync`, `wandb leet`), with no
+Python API to get a run's records back, and its public Api() reads runs from a server, which offline runs never reached.
 """
 
 from __future__ import annotations

@@ -77,7 +77,11 @@ def init_run(sweep_id: str | None = None, **kwargs: Any) -> Any:
 
 
 class WandbTrialCallback(tune.Callback):
-    """A Tune callback that mirrors every trial into a W&B run: config, per-epoch history, final summary."""
+    """A Tune callback that mirrors every trial into a W&B run: config, per-epoch history, final summary.
+
+    Why not Ray's WandbLoggerCallback: it gives no run its own settings (the sweep id goes in each run's settings,
+    never the environment), finishes runs without our trial statuses, and a resumed trial would start a second
+    offline file for the same run id; this one takes over the old run and re-logs its epochs (see below)."""
 
     def __init__(self, spec: SearchSpec, sweep_id: str | None = None) -> None:
         self.spec, self.sweep_id = spec, sweep_id
