@@ -226,22 +226,19 @@ def trainer_args(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     """The Trainer arguments that run flags set, with the caller's `overrides` (callbacks, logger, checkpointing,
     a trial's device); the precision resolved for the device it trains on, and recorded in `args` (so the
     checkpoint's run_args, the W&B config and a replay name the precision it trained in)."""
-    kwargs: dict[str, Any] = {
-        **dict(
-            max_epochs=args.max_epochs,
-            limit_train_batches=args.limit_train_batches,
-            limit_val_batches=args.limit_val_batches,
-            limit_test_batches=args.limit_test_batches,
-            overfit_batches=args.overfit_batches,
-            fast_dev_run=args.fast_dev_run,
-            deterministic=args.deterministic or None,
-            check_val_every_n_epoch=args.check_val_every_n_epoch,
-            gradient_clip_val=args.gradient_clip_val,
-            log_every_n_steps=args.log_every_n_steps,
-        ),
-        **device_kwargs(args),
-        **overrides,
-    }
+    kwargs: dict[str, Any] = dict(
+        max_epochs=args.max_epochs,
+        limit_train_batches=args.limit_train_batches,
+        limit_val_batches=args.limit_val_batches,
+        limit_test_batches=args.limit_test_batches,
+        overfit_batches=args.overfit_batches,
+        fast_dev_run=args.fast_dev_run,
+        deterministic=args.deterministic or None,
+        check_val_every_n_epoch=args.check_val_every_n_epoch,
+        gradient_clip_val=args.gradient_clip_val,
+        log_every_n_steps=args.log_every_n_steps,
+    )
+    kwargs.update(device_kwargs(args), **overrides)  # the caller's overrides win
     args.precision = kwargs["precision"] = resolve_precision(args.precision, uses_gpu(kwargs["accelerator"]))
     return kwargs
 
