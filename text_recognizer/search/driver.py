@@ -217,8 +217,8 @@ def fit(
     the search's wall seconds over all its drivers and its W&B sweep (online)."""
     record = open_folder(spec)
     function = trainable(spec, data)
-    clock, wandb_callback = TrialClock(), WandbTrialCallback(spec, record["sweep_id"])
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), clock, CheckpointKeeper(), *extra]
+    clock, wandb_callback, keeper = TrialClock(), WandbTrialCallback(spec, record["sweep_id"]), CheckpointKeeper()
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), clock, keeper, *extra]
     callbacks += [wandb_callback] if spec.wandb_mode != "disabled" else []
     if spec.output == "progress":
         config = spec.config
@@ -243,6 +243,7 @@ def fit(
     with tune_environment(spec.output), kept_out(spec.wandb_mode):
         grid = tuner.fit()
     wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over
+    keeper.prune_ended()  # the ended trials' checkpoints: Tune's final state, saved, no longer names them
     record["wall_seconds"] += time.time() - began
     (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
     if spec.storage:  # the trials' logs (not their checkpoints) for the results and the report
