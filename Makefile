@@ -39,8 +39,8 @@ bench-chaos: install  ## faults from a seed (killed workers, forks, driver; a no
 	$(PYTHON) benchmarks/chaos.py --schedule $(or $(SCHEDULE),short) --seed $(or $(SEED),0)
 	$(PYTHON) benchmarks/chaos.py --schedule $(or $(SCHEDULE),short) --seed $(or $(SEED),0) --trial-process fork
 
-bench-scale: install  ## searches of 100, 300 and 1,000 tiny trials: seconds per trial, driver memory, disk (about 25 minutes)
-	$(PYTHON) benchmarks/scale.py --trials 100 300 1000
+bench-scale: install  ## a search of 1,000 tiny trials: seconds per trial at 100, 300, 1,000, driver memory, state, disk
+	$(PYTHON) benchmarks/scale.py --trials 1000
 
 device-carry:  ## the GPU check's carry folder .device/: slim Ray for the GPU image's Python 3.12, wheels, data (README)
 	$(PYTHON) benchmarks/device/build_carry.py

@@ -16,9 +16,10 @@ is drawn from --seed: rerun with the same seed to replay it. Faults, at random t
 - checkpoint_truncate: the driver SIGKILLed, an unfinished trial's newest checkpoint cut to half its size (as a
   killed copy or a full disk leaves it), then `--resume` (the trial must fall back to an older one, or scratch).
 
-Not injected: the storage briefly read-only. This runs as root, which the file mode does not stop, and a
-read-only remount needs CAP_SYS_ADMIN, which this machine's containers lack; doing it by hand (chmod, or moving
-the folder away) would not be the fault it names. See docs/benchmarks.md.
+- storage_readonly: the search's folder read-only for 1-4 s (a bind mount of it onto itself, remounted read-only,
+  then unmounted: files already open stay writable, as on a real remount). Needs mount rights (root with
+  CAP_SYS_ADMIN, as here); without them the kind is left out and the run says so. A chmod would not do: root
+  writes through it.
 """
 
 from __future__ import annotations
@@ -63,10 +64,10 @@ space:
 """
 # trials, faults and the seconds of training between two faults (drawn uniformly), per schedule: a tiny trial
 # trains in about a second, two at a time, so the faults fall inside the search, not after its end
-SCHEDULES = {"short": (60, 7, (2.0, 6.0)), "long": (240, 120, (0.5, 2.5))}
+SCHEDULES = {"short": (70, 8, (2.0, 6.0)), "long": (240, 120, (0.5, 2.5))}
 KEEP = 3  # --keep-checkpoints
 MAX_FAILURES = 6  # retries per trial: a trial may be hit by several faults in a row; none must end it in error
-TRIAL_FAULTS = ("worker_kill", "fork_kill", "node_replace")
+TRIAL_FAULTS = ("worker_kill", "fork_kill", "node_replace", "storage_readonly")
 DRIVER_FAULTS = ("driver_kill", "driver_term", "checkpoint_truncate")
 NODE = {"num_cpus": 1, "object_store_memory": 600 * 2**20}  # the dataset (~220 MB decoded) fits each object store
 
@@ -217,6 +218,8 @@ def inject(chaos: Chaos, rng: random.Random, kind: str) -> bool:
         return kill_trial(chaos, rng, "trial_pid")
     if kind == "node_replace":
         return replace_node(chaos)
+    if kind == "storage_readonly":
+        return storage_readonly(chaos, rng)
     if kind == "checkpoint_truncate" and not any(
         rows and not rows[-1].get("done") and any(r.get("checkpoint_dir_name") for r in rows)
         for rows in results(chaos.search_dir).values()
@@ -232,15 +235,51 @@ def inject(chaos: Chaos, rng: random.Random, kind: str) -> bool:
     return True
 
 
-def fault_kinds(mode: str) -> list[str]:
-    return [k for k in (*TRIAL_FAULTS, *DRIVER_FAULTS) if mode == "fork" or k != "fork_kill"]
+def can_mount() -> bool:
+    """Whether this process may bind-mount a folder and remount it read-only (and undo it)."""
+    folder = Path(tempfile.mkdtemp(prefix="chaos-mount-"))
+    try:
+        return mount_readonly(folder) and unmount(folder)
+    finally:
+        folder.rmdir()
 
 
-def schedule(seed: int, faults: int, mode: str, gaps: tuple[float, float]) -> list[tuple[float, str]]:
+def mount_readonly(folder: Path) -> bool:
+    done = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+    if done.returncode != 0:
+        return False
+    if subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True).returncode != 0:
+        unmount(folder)
+        return False
+    return True
+
+
+def unmount(folder: Path) -> bool:
+    return subprocess.run(["umount", str(folder)], capture_output=True).returncode == 0
+
+
+def storage_readonly(chaos: Chaos, rng: random.Random) -> bool:
+    seconds = rng.uniform(1.0, 4.0)
+    if not mount_readonly(chaos.search_dir):
+        return False
+    try:
+        time.sleep(seconds)
+    finally:
+        if not unmount(chaos.search_dir):
+            raise SystemExit(f"could not unmount the read-only {chaos.search_dir}: umount it by hand")
+    chaos.note(f"storage read-only for {seconds:.1f} s")
+    return True
+
+
+def fault_kinds(mode: str, mount: bool) -> list[str]:
+    kinds = [k for k in (*TRIAL_FAULTS, *DRIVER_FAULTS) if mode == "fork" or k != "fork_kill"]
+    return [k for k in kinds if mount or k != "storage_readonly"]
+
+
+def schedule(seed: int, faults: int, kinds: list[str], gaps: tuple[float, float]) -> list[tuple[float, str]]:
     """The faults, each with its delay in seconds after the one before; the same seed gives the same schedule.
     Every kind comes once, in a random order, before any comes again: a schedule of that many faults has them all."""
     rng = random.Random(seed)
-    kinds = fault_kinds(mode)
     first = rng.sample(kinds, len(kinds))[:faults]
     drawn = first + [rng.choice(kinds) for _ in range(faults - len(first))]
     return [(rng.uniform(*gaps), kind) for kind in drawn]
@@ -457,7 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     root = args.folder or Path(tempfile.mkdtemp(prefix="chaos-"))
     data_dir = root / "data"
     FashionMNIST.ensure_raw_files(data_dir)
-    faults = schedule(args.seed, args.faults, args.trial_process, args.gaps)
+    mount = can_mount()
+    if not mount:
+        print("chaos: no storage_readonly faults: this process can't bind-mount a folder read-only (needs CAP_SYS_ADMIN)")
+    faults = schedule(args.seed, args.faults, fault_kinds(args.trial_process, mount), args.gaps)
     print(
         f"chaos: seed {args.seed}, {args.trials} trials, {len(faults)} faults "
         f"({dict(Counter(k for _, k in faults))}), --trial-process {args.trial_process}, in {root}",
