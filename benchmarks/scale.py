@@ -121,14 +121,17 @@ def one_search(trials: int, root: Path, data_dir: Path, profile: bool) -> dict[s
     output, _ = process.communicate()
     wall = time.time() - began
     stop.set()
-    if process.returncode != 0:
+    if process.returncode not in (0, 130, 143):  # 130, 143: stopped (Ctrl-C, SIGTERM); its figures so far count
         raise SystemExit(f"the {trials}-trial search exited {process.returncode}:\n{output[-3000:]}")
     folder = root / name
     summary = json.loads((folder / "summary.json").read_text())
     size, files = folder_size(folder)
     state = sum(p.stat().st_size for p in folder.glob("experiment_state-*.json"))
+    ended_trials = sum(n for status, n in summary["statuses"].items() if status not in ("pending", "interrupted"))
+    trials = ended_trials or trials  # a stopped search: per trial that ended
     figures = {
         "trials": trials,
+        "interrupted": summary["interrupted"],
         "driver_seconds": wall,
         "driver_seconds_per_trial": wall / trials,
         "search_seconds": summary["wall_seconds"],

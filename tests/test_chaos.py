@@ -15,7 +15,9 @@ from conftest import ROOT
 @pytest.mark.slow
 def test_the_short_chaos_schedule_loses_nothing(tmp_path: Path) -> None:
     command = [sys.executable, "benchmarks/chaos.py", "--schedule", "short", "--seed", "0", "--folder", str(tmp_path)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=3000
+    )  # minutes on a quiet machine; far more on a loaded one
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "chaos: every invariant held" in done.stdout
     figures = json.loads((tmp_path / "chaos.json").read_text())
