@@ -97,7 +97,8 @@ def watch(process: psutil.Process, folder: Path, began: float, stop: threading.E
 
 
 def folder_size(folder: Path) -> tuple[int, int]:
-    files = [p for p in folder.rglob("*") if p.is_file()]
+    # not links: W&B links every run's logs/debug-core.log to one shared log, which would count once per run
+    files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
     return sum(p.stat().st_size for p in files), len(files)
 
 
