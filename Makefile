@@ -2,7 +2,7 @@
 PYTHON ?= python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install search smoke test test-slow lint bench bench-full bench-quality device-carry
+.PHONY: install search smoke test test-slow lint bench bench-full bench-quality bench-chaos bench-scale device-carry
 
 install:  ## the package with its dev tools, and Debian's Fashion-MNIST (real data without a network)
 	@if command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
@@ -34,6 +34,13 @@ bench-full: install  ## the full benchmark: 50-sample searches, ours and the tex
 
 bench-quality: install  ## float32 vs --precision auto on fashion_mlp_asha: 3 seeds each, 5 minutes a search (about 35 minutes)
 	$(PYTHON) benchmarks/quality.py --compare precision --time-budget 300s
+
+bench-chaos: install  ## faults from a seed (killed workers, forks, driver; a node replaced; a truncated checkpoint) on a 2-node cluster; SCHEDULE=long for 120 faults over 240 trials
+	$(PYTHON) benchmarks/chaos.py --schedule $(or $(SCHEDULE),short) --seed $(or $(SEED),0)
+	$(PYTHON) benchmarks/chaos.py --schedule $(or $(SCHEDULE),short) --seed $(or $(SEED),0) --trial-process fork
+
+bench-scale: install  ## a search of 1,000 tiny trials: seconds per trial at 100, 300, 1,000, driver memory, state, disk
+	$(PYTHON) benchmarks/scale.py --trials 1000
 
 device-carry:  ## the GPU check's carry folder .device/: slim Ray for the GPU image's Python 3.12, wheels, data (README)
 	$(PYTHON) benchmarks/device/build_carry.py

@@ -221,10 +221,19 @@ def repair_tracked(trial: Any) -> str | None:
 
 class CheckpointKeeper(tune.Callback):
     """Repairs a resumed search's state of checkpoints gone from storage; prunes an ended trial's checkpoints to its
-    best one, weights only; prints a resumed trial's fallback warning."""
+    best one, weights only; prints a resumed trial's fallback warning.
+
+    Pruning is not at once: Tune saves the search's state (which checkpoint each trial resumes from) every 10 s or
+    so, and a driver killed in between resumes an ended trial as still running, from a checkpoint pruning would have
+    deleted (seen in the chaos benchmark: the trial then failed for good, "Could not recover from checkpoint"). So a
+    trial is pruned once a saved state that has it ended has been written, and is followed by the next: Tune asks
+    every callback for its state (get_state) as it saves. `prune_ended` prunes the rest once the search's fit
+    returns."""
 
     def __init__(self) -> None:
         self.repaired = False
+        self.ended: list[Any] = []  # ended since the last save of the search's state
+        self.saved: list[Any] = []  # ended before it: pruned at the next save
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         """Tune's first step, before it starts (and restores) any trial: a resumed search's trials are all there."""
@@ -241,13 +250,30 @@ class CheckpointKeeper(tune.Callback):
             print(f"warning: trial {trial.trial_id}: {result[WARNING_KEY]}", file=sys.stderr, flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        best, _ = tracked(trial)
-        if best is None:
-            return
-        try:
-            keep_only(best)
-        except Exception as error:  # pruning saves space; it never ends a search
-            print(f"warning: trial {trial.trial_id}: its checkpoints were not pruned ({error})", file=sys.stderr, flush=True)
+        self.ended.append(trial)
+
+    def get_state(self) -> None:
+        """Called as Tune saves the search's state, after it has written the trials': prunes those whose end an
+        earlier save already holds. No state of its own to save (None)."""
+        ready, self.saved, self.ended = self.saved, self.ended, []
+        for trial in ready:
+            prune(trial)
+
+    def prune_ended(self) -> None:
+        """Prune every ended trial left: once the fit has returned, Tune has saved the search's final state."""
+        ready, self.saved, self.ended = [*self.saved, *self.ended], [], []
+        for trial in ready:
+            prune(trial)
+
+
+def prune(trial: Any) -> None:
+    best, _ = tracked(trial)
+    if best is None:
+        return
+    try:
+        keep_only(best)
+    except Exception as error:  # noqa: BLE001 - pruning saves space; it never ends a search
+        print(f"warning: trial {trial.trial_id}: its checkpoints were not pruned ({error})", file=sys.stderr, flush=True)
 
 
 def keep_best_trials(
@@ -274,6 +300,7 @@ def keep_best_trials(
         if trial_id in drop and known:
             for folder in siblings(known[0]):
                 folder.filesystem.delete_dir(folder.path)
-        elif trial_id in unpruned and result.best_checkpoints:
+        # nor did a driver killed between a trial's end and the next save of the search's state
+        elif trial_id in kept and result.best_checkpoints and (trial_id in unpruned or len(siblings(known[0])) > 1):
             keep_only(better(result.best_checkpoints, key=lambda pair: pair[1].get(metric, sign * math.inf))[0])
     return kept

@@ -173,9 +173,16 @@ def tune_config(spec: SearchSpec) -> tune.TuneConfig:
         search_alg=search_alg(spec),
         time_budget_s=config.time_budget,  # Tune stops every trial then; the stopper's state is saved for --resume
         reuse_actors=True,  # a trial starts in a running actor: no new worker, no imports again
-        trial_name_creator=lambda trial: f"{TRIAL_PREFIX}{trial.trial_id}",
-        trial_dirname_creator=lambda trial: f"{TRIAL_PREFIX}{trial.trial_id}",
+        # module functions, not lambdas: Tune's saved state holds both in every trial's entry, a lambda by value
+        # (1.3 KB each, cloudpickled), a function by name
+        trial_name_creator=trial_name,
+        trial_dirname_creator=trial_name,
     )
+
+
+def trial_name(trial: Any) -> str:
+    """A trial's name and its folder's: trial_<id>."""
+    return f"trial_{trial.trial_id}"
 
 
 def search_alg(spec: SearchSpec) -> BasicVariantGenerator | Searcher:
@@ -251,8 +258,8 @@ def fit(
     if spec.wandb_mode == "offline" and spec.output != "quiet":
         print(f"W&B runs are offline; watch them live with:  {leet_command(str(spec.folder))}", flush=True)
     function = trainable(spec, data)
-    clock, wandb_callback = TrialClock(), WandbTrialCallback(spec, record["sweep_id"])
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), clock, CheckpointKeeper(), *extra]
+    clock, wandb_callback, keeper = TrialClock(), WandbTrialCallback(spec, record["sweep_id"]), CheckpointKeeper()
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), clock, keeper, *extra]
     callbacks += [wandb_callback] if spec.wandb_mode != "disabled" else []
     if spec.output == "progress":
         config = spec.config
@@ -280,6 +287,7 @@ def fit(
             grid = tuner.fit()
     finally:  # also when FailFast stopped the search
         wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over
+    keeper.prune_ended()  # the ended trials' checkpoints: Tune's final state, saved, no longer names them
     record["wall_seconds"] += time.time() - began
     (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
     if spec.storage:  # the trials' logs (not their checkpoints) for the results and the report

@@ -5,6 +5,7 @@ Writes files and prints; it logs nothing to W&B (wandb_logging.py does, from the
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import statistics
@@ -54,8 +55,9 @@ class TrialClock(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         now, added = time.time(), self.added.get(trial.trial_id, time.time())
         # the slot this trial took was freed by the latest trial ending before it started, if after it was queued
-        freed = [t for t in self.slot_freed if added <= t <= now]
-        self.ready.setdefault(trial.trial_id, max([added, *freed[-1:]]))
+        # (slot_freed is in time order: a bisection, not a scan of every trial that ended)
+        freed = self.slot_freed[bisect.bisect_right(self.slot_freed, now) - 1 :][:1] if self.slot_freed else []
+        self.ready.setdefault(trial.trial_id, max([added, *(t for t in freed if added <= t <= now)]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.slot_freed.append(time.time())

@@ -53,15 +53,18 @@ def kept_out(mode: str) -> Iterator[None]:
             del sys.modules["wandb"]
 
 
-def run_settings(sweep_id: str | None = None) -> Any:
+def run_settings(sweep_id: str | None = None, requirements: bool = False) -> Any:
     """The settings of every run the driver starts: no system-metrics sampling or code/git capture (the driver hosts
-    many runs at once) and, online, the sweep the run belongs to."""
+    many runs at once) and, online, the sweep the run belongs to. The installed packages (requirements.txt) only
+    with `requirements`: W&B reads every package's metadata for it, which took 0.3-0.7 s of the driver per
+    trial run (benchmarks/scale.py's profile), the same list each time; the search's summary run keeps it."""
     import wandb  # in each function, not at the top: with --wandb-mode disabled W&B is never imported
 
     return wandb.Settings(
         silent=True,
         x_disable_stats=True,
         x_disable_machine_info=True,
+        x_save_requirements=requirements,
         disable_git=True,
         save_code=False,
         console="off",
@@ -69,11 +72,11 @@ def run_settings(sweep_id: str | None = None) -> Any:
     )
 
 
-def init_run(sweep_id: str | None = None, **kwargs: Any) -> Any:
+def init_run(sweep_id: str | None = None, requirements: bool = False, **kwargs: Any) -> Any:
     """wandb.init for one of several concurrent runs in this process."""
     import wandb
 
-    return wandb.init(reinit="create_new", resume="allow", settings=run_settings(sweep_id), **kwargs)
+    return wandb.init(reinit="create_new", resume="allow", settings=run_settings(sweep_id, requirements), **kwargs)
 
 
 class WandbTrialCallback(tune.Callback):
@@ -96,7 +99,9 @@ class WandbTrialCallback(tune.Callback):
         if trial.trial_id in self.runs:
             return self.runs[trial.trial_id][0]
         identifier = wandb_run_id(self.spec.name, trial.trial_id)
-        earlier = self._take_over_offline_run(identifier, trial) if self.spec.wandb_mode == "offline" else []
+        # only a resumed driver finds a run of the trial from an earlier one (a glob of every run's folder per trial)
+        takes_over = self.spec.wandb_mode == "offline" and self.spec.resume
+        earlier = self._take_over_offline_run(identifier, trial) if takes_over else []
         run = init_run(
             self.sweep_id,
             project=self.spec.wandb_project,
@@ -216,6 +221,7 @@ def log_summary_run(spec: SearchSpec, summary: dict[str, Any]) -> str:
     import wandb
 
     run = init_run(
+        requirements=True,  # once per search: what it ran with
         project=spec.wandb_project,
         id=wandb_run_id(spec.name, "summary"),
         name=f"{spec.name}-summary",
