@@ -182,7 +182,7 @@ def tune_config(spec: SearchSpec) -> tune.TuneConfig:
 
 def trial_name(trial: Any) -> str:
     """A trial's name and its folder's: trial_<id>."""
-    return f"trial_{trial.trial_id}"
+    return f"{TRIAL_PREFIX}{trial.trial_id}"
 
 
 def search_alg(spec: SearchSpec) -> BasicVariantGenerator | Searcher:
