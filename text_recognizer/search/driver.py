@@ -16,19 +16,24 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter, Searcher
-from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm
 
 from text_recognizer.data import DATA_CLASSES
 from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, search_ended
 from text_recognizer.search import storage, tune_actor
 from text_recognizer.search.checkpoints import CheckpointKeeper, keep_best_trials
 from text_recognizer.search.cluster import ray_cluster
+from text_recognizer.search.grow import (
+    GrowingSearchGenerator,
+    GrowingVariantGenerator,
+    PartBudget,
+    ResumableASHA,
+    this_part,
+)
 from text_recognizer.search.preemption import Preemption
 from text_recognizer.search.progress import Progress
 from text_recognizer.search.report import write_report
-from text_recognizer.search.results import TrialClock, collect, print_report, summarize, write_results
+from text_recognizer.search.results import TrialClock, collect, print_report, summarize, unfinished, write_results
 from text_recognizer.search.spec import SearchSpec, describe
 from text_recognizer.search.sweep import create_sweep, sweep_config
 from text_recognizer.search.wandb_logging import WandbTrialCallback, check_installed, finish_search, kept_out
@@ -51,12 +56,12 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         spec = spec.fitted_to(nodes)
         storage.check_every_node_sees(spec.where)  # on a cluster: refuse a folder that only this node has
         data = put_data(arrays)  # the dataset goes into Ray's object store once; the driver drops its copy
-        grid, clock, wall_seconds, sweep_id = fit(spec, data, [preemption])  # 3. build the Tuner and fit it
-        rows, best = collect(grid, spec, clock.ready, budget_spent(spec, wall_seconds))  # 4. the trials, from the ResultGrid
+        grid, clock, record = fit(spec, data, [preemption])  # 3. build the Tuner (or restore it) and fit it
+        rows, best = collect(grid, spec, clock.ready, set(record["budget_stopped"]))  # 4. the trials, from the ResultGrid
         best = local_winner(spec, test_winner(spec, best, data, rows))
         winner = best["trial_id"] if best else None
         kept = keep_best_trials(list(grid), rows, winner, spec.config.metric, spec.config.mode, spec.keep_checkpoints)
-        summary = summarize(spec, rows, best, wall_seconds, sweep_id)
+        summary = summarize(spec, rows, best, record["wall_seconds"], record["sweep_id"], record["parts"])
         summary["checkpoints_kept"] = kept  # a finished search keeps its best trials' only (--keep-checkpoints); None: all
         summary["preempted"] = preemption.received  # SIGTERM came: an interrupted search exits 143, not 130
     write_results(summary, spec.folder)  # 5. summary.json, trials.csv and
@@ -69,10 +74,10 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-def budget_spent(spec: SearchSpec, wall_seconds: float) -> bool:
-    """Whether the time budget ended the search. Tune's budget clock runs inside the drivers' fits, which
-    `wall_seconds` adds up over every driver of the search, so it has run out when they reach it."""
-    return spec.config.time_budget is not None and wall_seconds >= spec.config.time_budget
+def budget_spent(part: dict[str, Any]) -> bool:
+    """Whether its time budget ended a part of the search: the part's wall seconds (over every driver that ran it)
+    reached it (PartBudget stops at that deadline)."""
+    return part["time_budget"] is not None and part["wall_seconds"] >= part["time_budget"]
 
 
 def load_data(spec: SearchSpec) -> dict[str, Any]:
@@ -87,11 +92,22 @@ def test_winner(spec: SearchSpec, best: dict | None, data: ray.ObjectRef, rows: 
     with a trial's resources, at the end of a finished search."""
     if best is None or not search_ended(rows):
         return best
+    tested = earlier_test(spec.folder, best)
+    if tested:  # a grown or resumed search whose winner did not change: its test stands, evaluated once
+        return {**best, **tested}
     cpus, gpus = spec.resources
     # where Tune stored it (a folder or a URI): the worker, on any node, reads it from there
     checkpoint = tune.Checkpoint(os.path.dirname(best["checkpoint"]), filesystem=tune_storage(spec).get("storage_filesystem"))
     evaluate = ray.remote(num_cpus=cpus, num_gpus=gpus)(tune_actor.test_winner)
     return {**best, **ray.get(evaluate.remote(best["config"], checkpoint, data))}
+
+
+def earlier_test(folder: Path, best: dict[str, Any]) -> dict[str, float] | None:
+    """The test metrics of the same winner (trial and epoch), when an earlier end of this search evaluated it."""
+    path = folder / "summary.json"
+    earlier = (json.loads(path.read_text()).get("best") or {}) if path.is_file() else {}
+    same = (earlier.get("trial_id"), earlier.get("epoch")) == (best["trial_id"], best["epoch"])
+    return {key: earlier[key] for key in ("test_acc", "test_loss")} if same and earlier.get("test_acc") is not None else None
 
 
 def local_winner(spec: SearchSpec, best: dict | None) -> dict | None:
@@ -132,31 +148,32 @@ def tune_config(spec: SearchSpec) -> tune.TuneConfig:
         metric=config.metric,
         mode=config.mode,
         num_samples=config.num_samples,
-        scheduler=ASHAScheduler(
+        scheduler=ResumableASHA(  # its rungs refilled on --resume (Tune saves no scheduler state)
             time_attr="training_iteration",
             max_t=config.max_t,
             grace_period=config.grace_period,
             reduction_factor=config.reduction_factor,
         ),
         search_alg=search_alg(spec),
-        time_budget_s=config.time_budget,  # Tune stops every trial then; the stopper's state is saved for --resume
         reuse_actors=True,  # a trial starts in a running actor: no new worker, no imports again
         trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
     )
 
 
-def search_alg(spec: SearchSpec) -> BasicVariantGenerator | Searcher:
-    """The config's sampler, seeded by its seed: random (Tune's own) or Optuna's TPE (a model of the results so far)."""
+def search_alg(spec: SearchSpec) -> SearchAlgorithm:
+    """The config's sampler, seeded by its seed: random (Tune's own) or Optuna's TPE (a model of the results so far),
+    each one that a grown search raises to its new sample count when Tune restores it (grow.py)."""
     config = spec.config
     if config.search_alg == "random":
-        return BasicVariantGenerator(random_state=config.seed, max_concurrent=spec.max_concurrent or 0)
+        return GrowingVariantGenerator(random_state=config.seed, max_concurrent=spec.max_concurrent or 0)
     import optuna  # only for searches that use it
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial in the search's output
     searcher = OptunaSearch(seed=config.seed)  # TPE; metric and mode come from the TuneConfig
-    return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent) if spec.max_concurrent else searcher
+    limited = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent) if spec.max_concurrent else searcher
+    return GrowingSearchGenerator(limited)
 
 
 def tune_storage(spec: SearchSpec) -> dict[str, Any]:
@@ -177,6 +194,8 @@ def run_config(spec: SearchSpec, callbacks: list[tune.Callback]) -> tune.RunConf
             num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute=spec.config.metric, checkpoint_score_order=spec.config.mode
         ),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        # the time budget: each part of the search (grow.py) its own; Tune's time_budget_s can't change on restore
+        stop=PartBudget(),
         verbose=2 if spec.output == "tune" else 0,
     )
 
@@ -192,7 +211,8 @@ def replace_callbacks(tuner: tune.Tuner, callbacks: list[tune.Callback]) -> None
 
 
 def open_folder(spec: SearchSpec) -> dict[str, Any]:
-    """The search folder, ready for Tune (wiped first with --overwrite); returns the saved record of the search."""
+    """The search folder, ready for Tune (wiped first with --overwrite); returns the saved record of the search,
+    its parts (a new one when the search grows) included."""
     if spec.overwrite and not spec.resume:  # only now: every check passed, the data loaded and Ray started
         shutil.rmtree(spec.folder, ignore_errors=True)
         if spec.storage:
@@ -201,7 +221,16 @@ def open_folder(spec: SearchSpec) -> dict[str, Any]:
     if spec.resume and spec.storage and not (spec.folder / SEARCH_FILE).is_file():  # resumed on another machine
         storage.download(spec.storage, spec.folder, storage.is_driver_file)
     previous = json.loads((spec.folder / SEARCH_FILE).read_text()) if spec.resume else {}
-    record = {**spec.saved(), "wall_seconds": previous.get("wall_seconds", 0.0), "sweep_id": previous.get("sweep_id")}
+    parts = [dict(part) for part in previous.get("parts", [])]
+    if spec.grow or not parts:  # a new search, or one that grows: a new part, with its sample count and budget
+        parts.append(new_part(spec))
+    record = {
+        **spec.saved(),
+        "wall_seconds": previous.get("wall_seconds", 0.0),
+        "sweep_id": previous.get("sweep_id"),
+        "parts": parts,
+        "budget_stopped": previous.get("budget_stopped", []),  # trials an earlier part's budget stopped
+    }
     if spec.wandb_mode == "online" and not record["sweep_id"]:  # offline, `sync FOLDER` makes the sweep later
         record["sweep_id"] = create_sweep(sweep_config(spec.name, spec.config), spec.wandb_project)
     (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
@@ -210,11 +239,16 @@ def open_folder(spec: SearchSpec) -> dict[str, Any]:
     return record
 
 
-def fit(
-    spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = ()
-) -> tuple[tune.ResultGrid, TrialClock, float, str | None]:
-    """Build the Tuner (or restore it, with --resume) and fit it; returns its ResultGrid, the trials' start clock,
-    the search's wall seconds over all its drivers and its W&B sweep (online)."""
+def new_part(spec: SearchSpec) -> dict[str, Any]:
+    """A part of the search: when it began, the sample count it runs to, its time budget, its wall seconds so far."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    config = spec.config
+    return {"started": started, "num_samples": config.num_samples, "time_budget": config.time_budget, "wall_seconds": 0.0}
+
+
+def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = ()) -> tuple[tune.ResultGrid, TrialClock, dict]:
+    """Build the Tuner (or restore it, with --resume) and fit it; returns its ResultGrid, the trials' start clock
+    and the search's saved record (its wall seconds over all its drivers, its parts, its W&B sweep)."""
     record = open_folder(spec)
     function = trainable(spec, data)
     clock, wandb_callback = TrialClock(), WandbTrialCallback(spec, record["sweep_id"])
@@ -237,17 +271,22 @@ def fit(
         tuner = tune.Tuner(
             function, param_space=spec.config.param_space(), tune_config=tune_config(spec), run_config=run_config(spec, callbacks)
         )
-    began = time.time()
-    if spec.config.time_budget is not None:  # when Tune's stopper will have spent the budget left, at the latest
-        wandb_callback.deadline = began + spec.config.time_budget - record["wall_seconds"]
-    with tune_environment(spec.output), kept_out(spec.wandb_mode):
+    part, began = record["parts"][-1], time.time()
+    # when this part's budget runs out: what it has left (a resumed part) from now
+    deadline = began + part["time_budget"] - part["wall_seconds"] if part["time_budget"] is not None else None
+    wandb_callback.deadline = deadline
+    with tune_environment(spec.output), kept_out(spec.wandb_mode), this_part(spec.config.num_samples, deadline):
         grid = tuner.fit()
     wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over
-    record["wall_seconds"] += time.time() - began
+    elapsed = time.time() - began
+    record["wall_seconds"] += elapsed
+    part["wall_seconds"] += elapsed
+    if budget_spent(part):  # the trials it stopped stay stopped_by_budget (or not_started) in every later part
+        record["budget_stopped"] = sorted(set(record["budget_stopped"]) | unfinished(grid))
     (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
     if spec.storage:  # the trials' logs (not their checkpoints) for the results and the report
         storage.download(spec.storage, spec.folder, storage.is_trial_file)
-    return grid, clock, record["wall_seconds"], record["sweep_id"]
+    return grid, clock, record
 
 
 @contextmanager
