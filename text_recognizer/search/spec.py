@@ -366,7 +366,32 @@ def new_spec(args: argparse.Namespace, overrides: dict[str, Any], storage: Path)
             "pick another --name, or start over with --overwrite"
         )
     wandb_mode, trial_process = args.wandb_mode or default_wandb_mode(), args.trial_process or TRIAL_PROCESSES[0]
-    return _spec(args, storage / name, config, wandb_mode, args.wandb_project, trial_process)
+    spec = _spec(args, storage / name, config, wandb_mode, args.wandb_project, trial_process)
+    return replace(spec, warm_start=warm_start_folder(args.warm_start, config))
+
+
+def warm_start_folder(text: str | None, config: SearchConfig) -> Path | None:
+    """The earlier search that --warm-start names, checked: Optuna only, a search folder, the same metric."""
+    if text is None:
+        return None
+    if config.search_alg != "optuna":
+        raise UserError(
+            f"--warm-start: search_alg {config.search_alg} samples at random, so there is no model to warm: "
+            "use --search-alg optuna"
+        )
+    folder = Path(text).expanduser().resolve()
+    if not (folder / "summary.json").is_file() or not (folder / SEARCH_FILE).is_file():
+        raise UserError(f"--warm-start {folder}: not a search folder (no {SEARCH_FILE} and summary.json)")
+    try:
+        earlier = json.loads((folder / "summary.json").read_text())["settings"]
+    except (ValueError, KeyError) as error:
+        raise UserError(f"--warm-start {folder}: unreadable summary.json ({error})") from None
+    if (earlier.get("metric"), earlier.get("mode")) != (config.metric, config.mode):
+        raise UserError(
+            f"--warm-start {folder}: that search optimized {earlier.get('metric')} ({earlier.get('mode')}), "
+            f"this one {config.metric} ({config.mode}): its values would mislead the study"
+        )
+    return folder
 
 
 def _spec(

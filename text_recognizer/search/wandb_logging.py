@@ -116,10 +116,7 @@ class WandbTrialCallback(tune.Callback):
         the new run re-logs the earlier epochs. They come from Tune's result.json, flushed at every
         result: a killed driver never got to flush its `.wandb` files.
         """
-        superseded = self.spec.folder / "wandb" / "superseded"
-        for folder in sorted(self.spec.folder.glob(f"wandb/offline-run-*-{identifier}")):
-            superseded.mkdir(parents=True, exist_ok=True)
-            folder.rename(superseded / folder.name)
+        supersede_offline_runs(self.spec.folder, identifier)
         latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
         results = Path(trial.path) / "result.json"
         if latest is None or not results.is_file():
@@ -197,6 +194,15 @@ class WandbTrialCallback(tune.Callback):
             self._finish(trial, status)
 
 
+def supersede_offline_runs(folder: Path, identifier: str) -> None:
+    """Move a search's earlier offline folders of run `identifier` to wandb/superseded/ (kept, never synced): the
+    run that starts next replaces them, so syncing the search uploads each run once."""
+    superseded = folder / "wandb" / "superseded"
+    for earlier in sorted(folder.glob(f"wandb/offline-run-*-{identifier}")):
+        superseded.mkdir(parents=True, exist_ok=True)
+        earlier.rename(superseded / earlier.name)
+
+
 def finish_search(spec: SearchSpec, summary: dict[str, Any], sweep_id: str | None) -> None:
     """The end of a finished search in W&B: its summary run, and (online) its sweep marked finished."""
     log_summary_run(spec, summary)
@@ -208,6 +214,8 @@ def log_summary_run(spec: SearchSpec, summary: dict[str, Any]) -> str:
     """One more run (job_type summary): a table of all trials and the best checkpoint as a model artifact."""
     import wandb
 
+    if spec.wandb_mode == "offline":  # a grown search's summary covers the whole search: it replaces the earlier one
+        supersede_offline_runs(spec.folder, wandb_run_id(spec.name, "summary"))
     run = init_run(
         project=spec.wandb_project,
         id=wandb_run_id(spec.name, "summary"),
@@ -216,7 +224,7 @@ def log_summary_run(spec: SearchSpec, summary: dict[str, Any]) -> str:
         job_type="summary",
         dir=str(spec.folder),
         mode=spec.wandb_mode,
-        config={key: summary[key] for key in ("name", "settings", "space")},
+        config={key: summary.get(key) for key in ("name", "settings", "space", "parts")},
     )
     rows, best_key = summary["trials"], f"best_{spec.config.metric}"
     columns = sorted({key for row in rows for key in row["config"]})
@@ -237,5 +245,6 @@ def log_summary_run(spec: SearchSpec, summary: dict[str, Any]) -> str:
         run.summary.update({"best_trial_id": best["trial_id"], best_key: best["value"]})
         run.summary.update({key: best[key] for key in ("test_acc", "test_loss") if best.get(key) is not None})
     run.summary.update({"num_trials": summary["num_trials"], "total_epochs": summary["total_epochs"]})
+    run.summary.update({"num_parts": len(summary.get("parts") or []), "wall_seconds": summary["wall_seconds"]})
     run.finish()
     return run.dir
