@@ -17,10 +17,11 @@ import ray
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from text_recognizer.data import DATA_CLASSES
-from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, search_ended
-from text_recognizer.search import storage, tune_actor
+from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, replay_command, search_ended
+from text_recognizer.search import confirm, storage, tune_actor
 from text_recognizer.search.checkpoints import CheckpointKeeper, keep_best_trials
 from text_recognizer.search.cluster import ray_cluster
 from text_recognizer.search.grow import (
@@ -33,7 +34,16 @@ from text_recognizer.search.grow import (
 from text_recognizer.search.preemption import Preemption
 from text_recognizer.search.progress import Progress
 from text_recognizer.search.report import write_report
-from text_recognizer.search.results import TrialClock, collect, print_report, summarize, unfinished, write_results
+from text_recognizer.search.results import (
+    FINAL_METRICS,
+    TrialClock,
+    collect,
+    finite,
+    print_report,
+    summarize,
+    unfinished,
+    write_results,
+)
 from text_recognizer.search.spec import SearchSpec, describe
 from text_recognizer.search.sweep import create_sweep, sweep_config
 from text_recognizer.search.wandb_logging import WandbTrialCallback, check_installed, finish_search, kept_out
@@ -58,12 +68,18 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data = put_data(arrays)  # the dataset goes into Ray's object store once; the driver drops its copy
         grid, clock, record = fit(spec, data, [preemption])  # 3. build the Tuner (or restore it) and fit it
         rows, best = collect(grid, spec, clock.ready, set(record["budget_stopped"]))  # 4. the trials, from the ResultGrid
-        best = local_winner(spec, test_winner(spec, best, data, rows))
+        confirmed = None
+        if spec.confirm and best and search_ended(rows):  # --confirm: the best configs again, new seeds; best mean wins
+            best, confirmed = confirm_winner(spec, rows, data, len(record["parts"]), [preemption])
+        best = local_winner(spec, best if confirmed else test_winner(spec, best, data, rows))
         winner = best["trial_id"] if best else None
         kept = keep_best_trials(list(grid), rows, winner, spec.config.metric, spec.config.mode, spec.keep_checkpoints)
         summary = summarize(spec, rows, best, record["wall_seconds"], record["sweep_id"], record["parts"])
         summary["checkpoints_kept"] = kept  # a finished search keeps its best trials' only (--keep-checkpoints); None: all
         summary["preempted"] = preemption.received  # SIGTERM came: an interrupted search exits 143, not 130
+        if confirmed is not None:
+            summary["confirm"] = confirmed
+            summary["interrupted"] = summary["interrupted"] or confirmed["interrupted"]
     write_results(summary, spec.folder)  # 5. summary.json, trials.csv and
     write_report(spec.folder, summary)  #    report/report.html
     if spec.wandb_mode != "disabled" and not summary["interrupted"]:  # a resumed search logs it once, at its end
@@ -95,11 +111,104 @@ def test_winner(spec: SearchSpec, best: dict | None, data: ray.ObjectRef, rows: 
     tested = earlier_test(spec.folder, best)
     if tested:  # a grown or resumed search whose winner did not change: its test stands, evaluated once
         return {**best, **tested}
+    return {**best, **evaluate([best], spec, data)[0]}
+
+
+def evaluate(trials: list[dict[str, Any]], spec: SearchSpec, data: ray.ObjectRef) -> list[dict[str, float]]:
+    """The test metrics of each trial's checkpoint, evaluated at once in Ray workers with a trial's resources."""
     cpus, gpus = spec.resources
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(tune_actor.test_winner)
+    filesystem = tune_storage(spec).get("storage_filesystem")
     # where Tune stored it (a folder or a URI): the worker, on any node, reads it from there
-    checkpoint = tune.Checkpoint(os.path.dirname(best["checkpoint"]), filesystem=tune_storage(spec).get("storage_filesystem"))
-    evaluate = ray.remote(num_cpus=cpus, num_gpus=gpus)(tune_actor.test_winner)
-    return {**best, **ray.get(evaluate.remote(best["config"], checkpoint, data))}
+    refs = [
+        task.remote(trial["config"], tune.Checkpoint(os.path.dirname(trial["checkpoint"]), filesystem=filesystem), data)
+        for trial in trials
+    ]
+    return ray.get(refs)
+
+
+def confirm_winner(
+    spec: SearchSpec, rows: list[dict], data: ray.ObjectRef, part: int, extra: Sequence[tune.Callback] = ()
+) -> tuple[dict | None, dict[str, Any]]:
+    """--confirm TOP_KxSEEDS: the TOP_K best configs trained again with SEEDS new seeds each, as the trials of a
+    second Tune experiment (confirm-<part> in the search's folder; restored if a killed driver left it), at the full
+    max_t with the search's resources; each confirm trial tested. Returns the winner (the best run of the config
+    with the best mean val metric, tested) and the per-config statistics."""
+    top_k, seeds = spec.confirm
+    config = spec.config
+    chosen = confirm.candidates({"settings": config.settings(), "trials": rows}, top_k)
+    points = confirm.trial_configs(chosen, seeds, config.max_t)
+    name, where = f"confirm-{part}", tune_storage(spec)
+    base = {"storage_path": f"{where['storage_path']}/{spec.name}", "storage_filesystem": where.get("storage_filesystem")}
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointKeeper(), *extra]
+    wandb_callback = WandbTrialCallback(
+        spec, job_type="confirm", labels=lambda trial: {confirm.ORIGIN_KEY: confirm.origin(trial.config, chosen)}
+    )
+    callbacks += [wandb_callback] if spec.wandb_mode != "disabled" else []
+    function = trainable(spec, data)
+    if tune.Tuner.can_restore(f"{base['storage_path']}/{name}", storage_filesystem=base["storage_filesystem"]):
+        tuner = tune.Tuner.restore(
+            f"{base['storage_path']}/{name}",
+            function,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=base["storage_filesystem"],
+        )
+        replace_callbacks(tuner, callbacks)
+    else:
+        tune_settings = tune.TuneConfig(
+            metric=config.metric,
+            mode=config.mode,
+            num_samples=len(points),
+            search_alg=BasicVariantGenerator(points_to_evaluate=points),  # exactly these configs, no early stopping
+            reuse_actors=True,
+            trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
+            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+        )
+        run = run_config(spec, callbacks, name, base, stop=False)
+        tuner = tune.Tuner(function, param_space=confirm.param_space(points), tune_config=tune_settings, run_config=run)
+    with tune_environment(spec.output), kept_out(spec.wandb_mode):
+        grid = tuner.fit()
+    wandb_callback.finish_open_runs()
+    confirmed = [confirmed_trial(result, spec, chosen) for result in grid]
+    done = [trial for trial in confirmed if trial["done"] and trial["checkpoint"]]
+    for trial, tested in zip(done, evaluate(done, spec, data), strict=True):
+        trial.update(tested)
+    summary = {**confirm.aggregate(chosen, confirmed, config.metric, config.mode), "top_k": top_k, "seeds": seeds}
+    summary["experiment"], summary["interrupted"] = name, len(done) < len(points)
+    if summary["interrupted"] or summary["winner"] is None:
+        return None, summary
+    runs = [trial for trial in summary["configs"][0]["runs"] if trial["checkpoint"]]
+    sign = 1 if config.mode == "max" else -1
+    best = max(runs, key=lambda trial: sign * trial["value"])
+    winner = {
+        key: best[key] for key in ("trial_id", "value", "epoch", "config", "checkpoint", "metrics", "test_acc", "test_loss")
+    }
+    return {
+        **winner,
+        "metric": config.metric,
+        "replay": replay_command(best["config"], best["epoch"]),
+        "confirm_of": summary["winner"],
+    }, summary
+
+
+def confirmed_trial(result: tune.Result, spec: SearchSpec, chosen: list[dict]) -> dict[str, Any]:
+    """One confirm trial: the config it repeats, its seed, its best checkpoint by the metric with that epoch's metrics."""
+    metric, trial_id = spec.config.metric, os.path.basename(result.path.rstrip("/")).removeprefix("trial_")
+    sign = 1 if spec.config.mode == "max" else -1
+    kept = [(c, m) for c, m in result.best_checkpoints or [] if finite(m.get(metric)) is not None]
+    checkpoint, metrics = max(kept, key=lambda pair: sign * pair[1][metric]) if kept else (None, {})
+    return {
+        "trial_id": trial_id,
+        "origin": confirm.origin(result.config, chosen),
+        "seed": result.config.get("seed"),
+        "config": dict(result.config),
+        "done": bool((result.metrics or {}).get("done")),
+        "value": finite(metrics.get(metric)),
+        "epoch": int(metrics.get("training_iteration", 0)),
+        "checkpoint": f"{checkpoint.path}/{CHECKPOINT_NAME}" if checkpoint else None,
+        "metrics": {key: finite(metrics.get(key)) for key in FINAL_METRICS},
+    }
 
 
 def earlier_test(folder: Path, best: dict[str, Any]) -> dict[str, float] | None:
@@ -185,17 +294,25 @@ def tune_storage(spec: SearchSpec) -> dict[str, Any]:
     return {"storage_path": path, "storage_filesystem": filesystem}
 
 
-def run_config(spec: SearchSpec, callbacks: list[tune.Callback]) -> tune.RunConfig:
+def run_config(
+    spec: SearchSpec,
+    callbacks: list[tune.Callback],
+    name: str | None = None,
+    where: dict[str, Any] | None = None,
+    stop: bool = True,
+) -> tune.RunConfig:
+    """The search's RunConfig; `name` and `where` (storage_path and storage_filesystem) for another experiment of
+    the search (its --confirm stage, which `stop=False` gives no time budget)."""
     return tune.RunConfig(
-        name=spec.name,
-        **tune_storage(spec),
+        name=name or spec.name,
+        **(where or tune_storage(spec)),
         callbacks=callbacks,
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute=spec.config.metric, checkpoint_score_order=spec.config.mode
         ),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         # the time budget: each part of the search (grow.py) its own; Tune's time_budget_s can't change on restore
-        stop=PartBudget(),
+        stop=PartBudget() if stop else None,
         verbose=2 if spec.output == "tune" else 0,
     )
 

@@ -243,10 +243,12 @@ def print_report(summary: dict[str, Any], top: int = 5, file: TextIO = sys.stdou
         print(f"{rank:>4}  {row['trial_id']:<14}{row[key]:>14.4f}{row['epochs']:>8}  {row['status']:<18}{values}", file=file)
     print_nodes(summary.get("nodes") or [], file)
     print_parts(summary.get("parts") or [], file)
+    print_confirm(summary.get("confirm"), file)
     best = summary["best"]
     if best:
         print(
-            f"\nBest trial {best['trial_id']}: {best['metric']}={best['value']:.4f} at epoch {best['epoch']}, "
+            f"\nBest trial {best['trial_id']}{confirmed_from(best)}: {best['metric']}={best['value']:.4f} "
+            f"at epoch {best['epoch']}, "
             f"checkpoint {best['checkpoint']}",
             file=file,
         )
@@ -280,6 +282,34 @@ def print_parts(parts: list[dict[str, Any]], file: TextIO) -> None:
     """A grown search's parts: when each began, the sample count it ran to, its budget and wall time."""
     if len(parts) > 1:
         print(f"Ran in {len(parts)} parts: " + "; ".join(describe_part(part) for part in parts), file=file)
+
+
+def print_confirm(confirm: dict[str, Any] | None, file: TextIO) -> None:
+    """--confirm's table: each confirmed config's mean ± std of its best val metric and its test accuracy."""
+    if not confirm:
+        return
+    metric = confirm["metric"]
+    print(
+        f"\nConfirmed: the top {confirm['top_k']} configs, {confirm['seeds']} new seeds each (winner: best mean {metric})",
+        file=file,
+    )
+    print(f"{'config of':<14}{'search':>10}{metric + ' mean ± std':>24}{'test_acc mean ± std':>24}", file=file)
+    for entry in confirm["configs"]:
+        print(
+            f"{entry['trial_id']:<14}{entry['search_value']:>10.4f}{plus_minus(entry['val_mean'], entry['val_std']):>24}"
+            f"{plus_minus(entry['test_acc_mean'], entry['test_acc_std']):>24}",
+            file=file,
+        )
+    if confirm.get("interrupted"):
+        print("The confirm stage was interrupted: --resume with the same --confirm finishes it.", file=file)
+
+
+def confirmed_from(best: dict[str, Any]) -> str:
+    return f" (a confirm run of {best['confirm_of']}'s config, the best mean)" if best.get("confirm_of") else ""
+
+
+def plus_minus(mean: float | None, std: float | None) -> str:
+    return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
 
 
 def describe_part(part: dict[str, Any]) -> str:

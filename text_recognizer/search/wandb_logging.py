@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -77,8 +77,15 @@ def init_run(sweep_id: str | None = None, **kwargs: Any) -> Any:
 class WandbTrialCallback(tune.Callback):
     """A Tune callback that mirrors every trial into a W&B run: config, per-epoch history, final summary."""
 
-    def __init__(self, spec: SearchSpec, sweep_id: str | None = None) -> None:
-        self.spec, self.sweep_id = spec, sweep_id
+    def __init__(
+        self,
+        spec: SearchSpec,
+        sweep_id: str | None = None,
+        job_type: str = "trial",
+        labels: Callable[[Any], dict[str, Any]] | None = None,
+    ) -> None:
+        """`job_type`: trial, or confirm for a --confirm stage's runs; `labels`: more config keys for a trial's run."""
+        self.spec, self.sweep_id, self.job_type, self.labels = spec, sweep_id, job_type, labels
         # each open run with its Tune trial, to finish it if the search is interrupted
         self.runs: dict[str, tuple[Any, Any]] = {}
         self.logged_epoch: dict[str, int] = {}
@@ -97,10 +104,15 @@ class WandbTrialCallback(tune.Callback):
             id=identifier,
             name=str(trial),
             group=self.spec.name,
-            job_type="trial",
+            job_type=self.job_type,
             dir=str(self.spec.folder),
             mode=self.spec.wandb_mode,
-            config={**trial.config, "search": self.spec.config.settings(), "trial_id": trial.trial_id},
+            config={
+                **trial.config,
+                "search": self.spec.config.settings(),
+                "trial_id": trial.trial_id,
+                **(self.labels(trial) if self.labels else {}),
+            },
         )
         self.runs[trial.trial_id] = run, trial
         self.logged_epoch[trial.trial_id] = 0
