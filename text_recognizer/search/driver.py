@@ -280,7 +280,13 @@ def search_alg(spec: SearchSpec) -> SearchAlgorithm:
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial in the search's output
-    searcher = OptunaSearch(seed=config.seed)  # TPE; metric and mode come from the TuneConfig
+    if spec.warm_start:  # the earlier search's finished trials start the study (warm.py)
+        from text_recognizer.search.warm import WarmOptunaSearch, earlier_trials
+
+        warm = earlier_trials(spec.warm_start, config.metric)
+        searcher = WarmOptunaSearch(seed=config.seed, warm=warm, source=str(spec.warm_start))
+    else:
+        searcher = OptunaSearch(seed=config.seed)  # TPE; metric and mode come from the TuneConfig
     limited = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent) if spec.max_concurrent else searcher
     return GrowingSearchGenerator(limited)
 
