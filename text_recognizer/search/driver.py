@@ -345,6 +345,8 @@ def open_folder(spec: SearchSpec) -> dict[str, Any]:
         storage.download(spec.storage, spec.folder, storage.is_driver_file)
     previous = json.loads((spec.folder / SEARCH_FILE).read_text()) if spec.resume else {}
     parts = [dict(part) for part in previous.get("parts", [])]
+    if previous and not parts:  # saved before searches grew: one part so far, with its wall seconds
+        parts = [{**new_part(spec), "started": None, "wall_seconds": previous.get("wall_seconds", 0.0)}]
     if spec.grow or not parts:  # a new search, or one that grows: a new part, with its sample count and budget
         parts.append(new_part(spec))
     record = {
