@@ -20,7 +20,7 @@ from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from text_recognizer.data import DATA_CLASSES
-from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, replay_command, search_ended
+from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, replay_command, resume_command, search_ended
 from text_recognizer.search import confirm, storage, tune_actor
 from text_recognizer.search.checkpoints import CheckpointKeeper, keep_best_trials
 from text_recognizer.search.cluster import ray_cluster
@@ -79,7 +79,9 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary["preempted"] = preemption.received  # SIGTERM came: an interrupted search exits 143, not 130
         if confirmed is not None:
             summary["confirm"] = confirmed
-            summary["interrupted"] = summary["interrupted"] or confirmed["interrupted"]
+            if confirmed["interrupted"]:  # --resume with the same --confirm restores the confirm experiment
+                summary["interrupted"] = True
+                summary["resume_command"] = resume_command(spec.name, spec.where) + f" --confirm {top_k_seeds(spec)}"
     write_results(summary, spec.folder)  # 5. summary.json, trials.csv and
     write_report(spec.folder, summary)  #    report/report.html
     if spec.wandb_mode != "disabled" and not summary["interrupted"]:  # a resumed search logs it once, at its end
@@ -88,6 +90,10 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         storage.upload_driver_files(spec.folder, spec.storage)
     print_report(summary, spec.top)  # 7.
     return summary
+
+
+def top_k_seeds(spec: SearchSpec) -> str:
+    return "x".join(map(str, spec.confirm)) if spec.confirm else ""
 
 
 def budget_spent(part: dict[str, Any]) -> bool:
