@@ -71,7 +71,7 @@ def aggregate(rows: list[dict[str, Any]], confirmed: list[dict[str, Any]], metri
     configs = []
     for row in rows:
         mine = sorted((trial for trial in confirmed if trial["origin"] == row["trial_id"]), key=lambda trial: trial["seed"])
-        entry = {"trial_id": row["trial_id"], "config": row["config"], "search_value": row[f"best_{metric}"], "runs": mine}
+        entry = {"trial_id": row["trial_id"], "config": row["config"], "search_value": row.get(f"best_{metric}"), "runs": mine}
         for key, values in (("val", [trial["value"] for trial in mine]), ("test_acc", [trial.get("test_acc") for trial in mine])):
             entry[f"{key}_mean"], entry[f"{key}_std"] = spread(values)
         configs.append(entry)
