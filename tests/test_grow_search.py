@@ -99,7 +99,8 @@ def test_an_optuna_search_grown_twice_keeps_every_trial_and_run_once(tmp_path: P
     by_lr = {round(row["config"]["lr"], 12): row for row in summary["trials"]}
     for trial in trials:
         row = by_lr[round(trial.params["lr"], 12)]
-        assert sorted(trial.intermediate_values) == list(range(1, row["epochs"] + 1))
+        # every epoch's value but (when ASHA ended the trial with it) the last, which Tune hands to on_trial_complete
+        assert set(range(1, row["epochs"])) <= set(trial.intermediate_values) <= set(range(1, row["epochs"] + 1))
         assert trial.value == pytest.approx(row["val_acc"])
 
 
