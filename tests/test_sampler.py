@@ -29,7 +29,7 @@ def suggestions(tmp_path: Path, seed: int, count: int = 4) -> list[dict]:
     config = tmp_path / f"seed{seed}.yaml"
     config.write_text(CONFIG + f"seed: {seed}\n")
     spec = describe(["--config", str(config), "--storage-path", str(tmp_path / "storage"), "--wandb-mode", "disabled"])
-    searcher = search_alg(spec)
+    searcher = search_alg(spec).searcher  # the OptunaSearch inside the GrowingSearchGenerator
     searcher.set_search_properties(spec.config.metric, spec.config.mode, spec.config.param_space())
     return [{key: searcher.suggest(f"t{i}")[key] for key in spec.config.space} for i in range(count)]
 

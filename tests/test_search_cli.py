@@ -144,6 +144,34 @@ def saved_search(tmp_path: Path) -> list[str]:
     return ["--resume", "--name", "saved"]
 
 
+def saved_grown_search(tmp_path: Path) -> list[str]:
+    """A saved search of 10 samples that can grow (it records its parts), as far as --resume looks before Ray."""
+    saved_search(tmp_path)
+    path = tmp_path / "storage" / "saved" / "search.json"
+    record = json.loads(path.read_text())
+    record["parts"] = [{"started": "2026-12-01T00:00:00Z", "num_samples": 10, "time_budget": None, "wall_seconds": 1.0}]
+    path.write_text(json.dumps(record))
+    return ["--resume", "--name", "saved"]
+
+
+def earlier_search(metric: str = "val_acc", mode: str = "max") -> Callable[[Path], list[str]]:
+    """A finished search's folder (its search.json and summary.json) to --warm-start from."""
+
+    def setup(tmp_path: Path) -> list[str]:
+        folder = tmp_path / "earlier"
+        folder.mkdir()
+        (folder / "search.json").write_text("{}")
+        (folder / "summary.json").write_text(json.dumps({"settings": {"metric": metric, "mode": mode}, "trials": []}))
+        return ["--search-alg", "optuna", "--warm-start", str(folder)]
+
+    return setup
+
+
+def not_a_search(tmp_path: Path) -> list[str]:
+    (tmp_path / "elsewhere").mkdir()
+    return ["--search-alg", "optuna", "--warm-start", str(tmp_path / "elsewhere")]
+
+
 def no_setup(tmp_path: Path) -> list[str]:
     return []
 
@@ -208,13 +236,39 @@ CASES = [
     ("time-budget-text", no_setup, ["--time-budget", "a while"], ("--time-budget", "a while", "10m")),
     ("time-budget-zero", no_setup, ["--time-budget", "0s"], ("--time-budget", "more than 0")),
     ("resume-with-search-alg", saved_search, ["--search-alg", "optuna"], ("--resume", "--search-alg")),
-    ("resume-with-time-budget", saved_search, ["--time-budget", "5m"], ("--resume", "--time-budget")),
+    ("grow-a-search-from-before-growing", saved_search, ["--time-budget", "5m"], ("--resume", "before searches could grow")),
+    ("grow-to-fewer-samples", saved_grown_search, ["--num-samples", "5"], ("--num-samples 5", "10 samples already")),
+    ("grow-with-config", saved_grown_search, ["--num-samples", "20", "--config", "mlp_asha"], ("--resume", "--config")),
+    ("grow-with-run-flag", saved_grown_search, ["--num-samples", "20", "--lr=0.1"], ("--resume", "--lr")),
+    ("grow-with-search-alg", saved_grown_search, ["--num-samples", "20", "--search-alg", "optuna"], ("--search-alg",)),
+    (
+        "grow-with-another-metric",
+        config_file("metric: val_loss\nmode: min\n" + GOOD_SPACE),
+        ["--resume", "--name", "saved", "--num-samples", "20"],
+        ("--resume", "--config"),
+    ),
+    ("grow-with-zero-budget", saved_grown_search, ["--time-budget", "0"], ("--time-budget", "more than 0")),
+    ("grow-with-warm-start", saved_grown_search, ["--warm-start", "elsewhere"], ("--resume", "--warm-start")),
+    ("confirm-0x3", no_setup, ["--confirm", "0x3"], ("--confirm 0x3", "at least 1")),
+    ("confirm-3x0", no_setup, ["--confirm", "3x0"], ("--confirm 3x0", "at least 1")),
+    ("confirm-text", no_setup, ["--confirm", "three"], ("--confirm", "TOP_KxSEEDS")),
+    ("warm-start-not-a-search", not_a_search, [], ("--warm-start", "not a search folder")),
+    ("warm-start-other-metric", earlier_search("val_loss", "min"), [], ("--warm-start", "val_loss", "val_acc")),
+    ("warm-start-random", earlier_search(), ["--search-alg", "random"], ("--warm-start", "random", "optuna")),
 ]
 
 
 # One case of each kind of check (flags, config, data, saved searches) through the real script: each run costs
 # the package's ~6 s of imports, and every case runs in-process above.
-REAL_SCRIPT = {"unknown-data-class", "name-separator", "yaml-syntax", "truncated-images", "resume-missing", "storage-under-proc"}
+REAL_SCRIPT = {
+    "unknown-data-class",
+    "name-separator",
+    "yaml-syntax",
+    "truncated-images",
+    "resume-missing",
+    "storage-under-proc",
+    "grow-to-fewer-samples",
+}
 SCRIPT_CASES = [case for case in CASES if case[0] in REAL_SCRIPT]
 
 

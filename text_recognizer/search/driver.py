@@ -18,20 +18,45 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from text_recognizer.data import DATA_CLASSES
-from text_recognizer.facts import CHECKPOINT_NAME, SEARCH_FILE, TRIAL_PREFIX, leet_command, search_ended, with_precision
-from text_recognizer.search import storage, tune_actor
+from text_recognizer.facts import (
+    CHECKPOINT_NAME,
+    SEARCH_FILE,
+    SUMMARY_FILE,
+    TRIAL_PREFIX,
+    leet_command,
+    replay_command,
+    resume_command,
+    search_ended,
+    with_precision,
+)
+from text_recognizer.search import confirm, storage, tune_actor
 from text_recognizer.search.checkpoints import CheckpointKeeper, keep_best_trials
 from text_recognizer.search.cluster import ray_cluster
 from text_recognizer.search.failfast import FIRST, FailFast
+from text_recognizer.search.grow import (
+    GrowingSearchGenerator,
+    GrowingVariantGenerator,
+    PartBudget,
+    ResumableASHA,
+    this_part,
+)
 from text_recognizer.search.preemption import Preemption
 from text_recognizer.search.progress import Progress
 from text_recognizer.search.report import write_report
-from text_recognizer.search.results import TrialClock, collect, print_report, summarize, write_results
+from text_recognizer.search.results import (
+    FINAL_METRICS,
+    TrialClock,
+    collect,
+    finite,
+    print_report,
+    summarize,
+    unfinished,
+    write_results,
+)
 from text_recognizer.search.spec import SearchSpec, describe
 from text_recognizer.search.sweep import create_sweep, sweep_config
 from text_recognizer.search.wandb_logging import WandbTrialCallback, check_installed, finish_search, kept_out
@@ -54,14 +79,22 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         spec = spec.fitted_to(nodes)
         storage.check_every_node_sees(spec.where)  # on a cluster: refuse a folder that only this node has
         data = put_data(arrays.result())  # the dataset goes into Ray's object store once; the driver drops its copy
-        grid, clock, wall_seconds, sweep_id = fit(spec, data, [preemption])  # 3. build the Tuner and fit it
-        rows, best = collect(grid, spec, clock.ready, budget_spent(spec, wall_seconds))  # 4. the trials, from the ResultGrid
-        best = local_winner(spec, test_winner(spec, best, data, rows))
+        grid, clock, record = fit(spec, data, [preemption])  # 3. build the Tuner (or restore it) and fit it
+        rows, best = collect(grid, spec, clock.ready, set(record["budget_stopped"]))  # 4. the trials, from the ResultGrid
+        confirmed = None
+        if spec.confirm and best and search_ended(rows):  # --confirm: the best configs again, new seeds; best mean wins
+            best, confirmed = confirm_winner(spec, rows, data, len(record["parts"]), [preemption])
+        best = local_winner(spec, best if confirmed else test_winner(spec, best, data, rows))
         winner = best["trial_id"] if best else None
         kept = keep_best_trials(list(grid), rows, winner, spec.config.metric, spec.config.mode, spec.keep_checkpoints)
-        summary = summarize(spec, rows, best, wall_seconds, sweep_id)
+        summary = summarize(spec, rows, best, record["wall_seconds"], record["sweep_id"], record["parts"])
         summary["checkpoints_kept"] = kept  # a finished search keeps its best trials' only (--keep-checkpoints); None: all
         summary["preempted"] = preemption.received  # SIGTERM came: an interrupted search exits 143, not 130
+        if confirmed is not None:
+            summary["confirm"] = confirmed
+            if confirmed["interrupted"]:  # --resume with the same --confirm restores the confirm experiment
+                summary["interrupted"] = True
+                summary["resume_command"] = resume_command(spec.name, spec.where) + f" --confirm {top_k_seeds(spec)}"
     write_results(summary, spec.folder)  # 5. summary.json, trials.csv and
     with ThreadPoolExecutor(1, thread_name_prefix="report") as pool:  # report/report.html, its figures drawn
         report = pool.submit(write_report, spec.folder, summary)  #    while W&B logs the summary run
@@ -74,10 +107,14 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-def budget_spent(spec: SearchSpec, wall_seconds: float) -> bool:
-    """Whether the time budget ended the search. Tune's budget clock runs inside the drivers' fits, which
-    `wall_seconds` adds up over every driver of the search, so it has run out when they reach it."""
-    return spec.config.time_budget is not None and wall_seconds >= spec.config.time_budget
+def top_k_seeds(spec: SearchSpec) -> str:
+    return "x".join(map(str, spec.confirm)) if spec.confirm else ""
+
+
+def budget_spent(part: dict[str, Any]) -> bool:
+    """Whether its time budget ended a part of the search: the part's wall seconds (over every driver that ran it)
+    reached it (PartBudget stops at that deadline)."""
+    return part["time_budget"] is not None and part["wall_seconds"] >= part["time_budget"]
 
 
 def load_data(spec: SearchSpec) -> Future:
@@ -101,12 +138,27 @@ def test_winner(spec: SearchSpec, best: dict | None, data: ray.ObjectRef, rows: 
     outside the fit). The checkpoint is read where Tune stored it (a folder, or a URI through a local copy)."""
     if best is None or not search_ended(rows):
         return best
+    tested = earlier_test(spec.folder, best)
+    if tested:  # a grown or resumed search whose winner did not change: its test stands, evaluated once
+        return {**best, **tested}
+    return {**best, **evaluate([best], spec, data)[0]}
+
+
+def evaluate(trials: list[dict[str, Any]], spec: SearchSpec, data: ray.ObjectRef) -> list[dict[str, float]]:
+    """The test metrics of each trial's checkpoint, in the precision it trained in, one after the other in the driver.
+
+    The driver has imported torch and Lightning already (for the run flags) and has every CPU to itself once the
+    trials are done: a fresh Ray worker spent seconds importing them again (3 of a smoke search's 17 s outside the
+    fit). The checkpoint is read where Tune stored it (a folder, or a URI through a local copy)."""
     from text_recognizer.search import trial_process  # imported already: the run flags need Lightning
 
-    checkpoint = tune.Checkpoint(os.path.dirname(best["checkpoint"]), filesystem=tune_storage(spec).get("storage_filesystem"))
-    config = with_precision(best["config"], best.get("precision"))
-    with checkpoint.as_directory() as directory, quiet_lightning():
-        return {**best, **trial_process.test_winner(config, os.path.join(directory, CHECKPOINT_NAME), ray.get(data))}
+    filesystem, arrays, tested = tune_storage(spec).get("storage_filesystem"), ray.get(data), []
+    for trial in trials:
+        checkpoint = tune.Checkpoint(os.path.dirname(trial["checkpoint"]), filesystem=filesystem)
+        config = with_precision(trial["config"], trial.get("precision"))
+        with checkpoint.as_directory() as directory, quiet_lightning():
+            tested.append(trial_process.test_winner(config, os.path.join(directory, CHECKPOINT_NAME), arrays))
+    return tested
 
 
 @contextmanager
@@ -124,6 +176,100 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def confirm_winner(
+    spec: SearchSpec, rows: list[dict], data: ray.ObjectRef, part: int, extra: Sequence[tune.Callback] = ()
+) -> tuple[dict | None, dict[str, Any]]:
+    """--confirm TOP_KxSEEDS: the TOP_K best configs trained again with SEEDS new seeds each, as the trials of a
+    second Tune experiment (confirm-<part> in the search's folder; restored if a killed driver left it), at the full
+    max_t with the search's resources; each confirm trial tested. Returns the winner (the best run of the config
+    with the best mean val metric, tested) and the per-config statistics."""
+    top_k, seeds = spec.confirm
+    config = spec.config
+    chosen = confirm.candidates({"settings": config.settings(), "trials": rows}, top_k)
+    points = confirm.trial_configs(chosen, seeds, config.max_t)
+    name, where = f"confirm-{part}", tune_storage(spec)
+    base = {"storage_path": f"{where['storage_path']}/{spec.name}", "storage_filesystem": where.get("storage_filesystem")}
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointKeeper(), *extra]
+    wandb_callback = WandbTrialCallback(
+        spec, job_type="confirm", labels=lambda trial: {confirm.ORIGIN_KEY: confirm.origin(trial.config, chosen)}
+    )
+    callbacks += [wandb_callback] if spec.wandb_mode != "disabled" else []
+    function = trainable(spec, data)
+    if tune.Tuner.can_restore(f"{base['storage_path']}/{name}", storage_filesystem=base["storage_filesystem"]):
+        tuner = tune.Tuner.restore(
+            f"{base['storage_path']}/{name}",
+            function,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=base["storage_filesystem"],
+        )
+        replace_callbacks(tuner, callbacks)
+    else:
+        tune_settings = tune.TuneConfig(
+            metric=config.metric,
+            mode=config.mode,
+            num_samples=len(points),
+            search_alg=BasicVariantGenerator(points_to_evaluate=points),  # exactly these configs, no early stopping
+            reuse_actors=True,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        )
+        run = run_config(spec, callbacks, name, base, stop=False)
+        tuner = tune.Tuner(function, param_space=confirm.param_space(points), tune_config=tune_settings, run_config=run)
+    with tune_environment(spec.output), kept_out(spec.wandb_mode):
+        grid = tuner.fit()
+    wandb_callback.finish_open_runs()
+    confirmed = [confirmed_trial(result, spec, chosen) for result in grid]
+    done = [trial for trial in confirmed if trial["done"] and trial["checkpoint"]]
+    for trial, tested in zip(done, evaluate(done, spec, data), strict=True):
+        trial.update(tested)
+    summary = {**confirm.aggregate(chosen, confirmed, config.metric, config.mode), "top_k": top_k, "seeds": seeds}
+    summary["experiment"], summary["interrupted"] = name, len(done) < len(points)
+    if summary["interrupted"] or summary["winner"] is None:
+        return None, summary
+    runs = [trial for trial in summary["configs"][0]["runs"] if trial["checkpoint"]]
+    sign = 1 if config.mode == "max" else -1
+    best = max(runs, key=lambda trial: sign * trial["value"])
+    winner = {
+        key: best[key]
+        for key in ("trial_id", "value", "epoch", "config", "precision", "checkpoint", "metrics", "test_acc", "test_loss")
+    }
+    return {
+        **winner,
+        "metric": config.metric,
+        "replay": replay_command(with_precision(best["config"], best["precision"]), best["epoch"]),
+        "confirm_of": summary["winner"],
+    }, summary
+
+
+def confirmed_trial(result: tune.Result, spec: SearchSpec, chosen: list[dict]) -> dict[str, Any]:
+    """One confirm trial: the config it repeats, its seed, its best checkpoint by the metric with that epoch's metrics."""
+    metric, trial_id = spec.config.metric, os.path.basename(result.path.rstrip("/")).removeprefix(TRIAL_PREFIX)
+    sign = 1 if spec.config.mode == "max" else -1
+    kept = [(c, m) for c, m in result.best_checkpoints or [] if finite(m.get(metric)) is not None]
+    checkpoint, metrics = max(kept, key=lambda pair: sign * pair[1][metric]) if kept else (None, {})
+    return {
+        "trial_id": trial_id,
+        "origin": confirm.origin(result.config, chosen),
+        "seed": result.config.get("seed"),
+        "config": dict(result.config),
+        "done": bool((result.metrics or {}).get("done")),
+        "value": finite(metrics.get(metric)),
+        "epoch": int(metrics.get("training_iteration", 0)),
+        "precision": metrics.get("precision"),  # as its node resolved --precision auto
+        "checkpoint": f"{checkpoint.path}/{CHECKPOINT_NAME}" if checkpoint else None,
+        "metrics": {key: finite(metrics.get(key)) for key in FINAL_METRICS},
+    }
+
+
+def earlier_test(folder: Path, best: dict[str, Any]) -> dict[str, float] | None:
+    """The test metrics of the same winner (trial and epoch), when an earlier end of this search evaluated it."""
+    path = folder / SUMMARY_FILE
+    earlier = (json.loads(path.read_text()).get("best") or {}) if path.is_file() else {}
+    same = (earlier.get("trial_id"), earlier.get("epoch")) == (best["trial_id"], best["epoch"])
+    return {key: earlier[key] for key in ("test_acc", "test_loss")} if same and earlier.get("test_acc") is not None else None
 
 
 def local_winner(spec: SearchSpec, best: dict | None) -> dict | None:
@@ -164,14 +310,13 @@ def tune_config(spec: SearchSpec) -> tune.TuneConfig:
         metric=config.metric,
         mode=config.mode,
         num_samples=config.num_samples,
-        scheduler=ASHAScheduler(
+        scheduler=ResumableASHA(  # its rungs refilled on --resume (Tune saves no scheduler state)
             time_attr="training_iteration",
             max_t=config.max_t,
             grace_period=config.grace_period,
             reduction_factor=config.reduction_factor,
         ),
         search_alg=search_alg(spec),
-        time_budget_s=config.time_budget,  # Tune stops every trial then; the stopper's state is saved for --resume
         reuse_actors=True,  # a trial starts in a running actor: no new worker, no imports again
         # module functions, not lambdas: Tune's saved state holds both in every trial's entry, a lambda by value
         # (1.3 KB each, cloudpickled), a function by name
@@ -185,17 +330,25 @@ def trial_name(trial: Any) -> str:
     return f"{TRIAL_PREFIX}{trial.trial_id}"
 
 
-def search_alg(spec: SearchSpec) -> BasicVariantGenerator | Searcher:
-    """The config's sampler, seeded by its seed: random (Tune's own) or Optuna's TPE (a model of the results so far)."""
+def search_alg(spec: SearchSpec) -> SearchAlgorithm:
+    """The config's sampler, seeded by its seed: random (Tune's own) or Optuna's TPE (a model of the results so far),
+    each one that a grown search raises to its new sample count when Tune restores it (grow.py)."""
     config = spec.config
     if config.search_alg == "random":
-        return BasicVariantGenerator(random_state=config.seed, max_concurrent=spec.max_concurrent or 0)
+        return GrowingVariantGenerator(random_state=config.seed, max_concurrent=spec.max_concurrent or 0)
     import optuna  # only for searches that use it
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial in the search's output
-    searcher = OptunaSearch(seed=config.seed)  # TPE; metric and mode come from the TuneConfig
-    return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent) if spec.max_concurrent else searcher
+    if spec.warm_start:  # the earlier search's finished trials start the study (warm.py)
+        from text_recognizer.search.warm import WarmOptunaSearch, earlier_trials
+
+        warm = earlier_trials(spec.warm_start, config.metric)
+        searcher = WarmOptunaSearch(seed=config.seed, warm=warm, source=str(spec.warm_start))
+    else:
+        searcher = OptunaSearch(seed=config.seed)  # TPE; metric and mode come from the TuneConfig
+    limited = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent) if spec.max_concurrent else searcher
+    return GrowingSearchGenerator(limited)
 
 
 def tune_storage(spec: SearchSpec) -> dict[str, Any]:
@@ -207,15 +360,25 @@ def tune_storage(spec: SearchSpec) -> dict[str, Any]:
     return {"storage_path": path, "storage_filesystem": filesystem}
 
 
-def run_config(spec: SearchSpec, callbacks: list[tune.Callback]) -> tune.RunConfig:
+def run_config(
+    spec: SearchSpec,
+    callbacks: list[tune.Callback],
+    name: str | None = None,
+    where: dict[str, Any] | None = None,
+    stop: bool = True,
+) -> tune.RunConfig:
+    """The search's RunConfig; `name` and `where` (storage_path and storage_filesystem) for another experiment of
+    the search (its --confirm stage, which `stop=False` gives no time budget)."""
     return tune.RunConfig(
-        name=spec.name,
-        **tune_storage(spec),
+        name=name or spec.name,
+        **(where or tune_storage(spec)),
         callbacks=callbacks,
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute=spec.config.metric, checkpoint_score_order=spec.config.mode
         ),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        # the time budget: each part of the search (grow.py) its own; Tune's time_budget_s can't change on restore
+        stop=PartBudget() if stop else None,
         verbose=2 if spec.output == "tune" else 0,
     )
 
@@ -231,7 +394,8 @@ def replace_callbacks(tuner: tune.Tuner, callbacks: list[tune.Callback]) -> None
 
 
 def open_folder(spec: SearchSpec) -> dict[str, Any]:
-    """The search folder, ready for Tune (wiped first with --overwrite); returns the saved record of the search."""
+    """The search folder, ready for Tune (wiped first with --overwrite); returns the saved record of the search,
+    its parts (a new one when the search grows) included."""
     if spec.overwrite and not spec.resume:  # only now: every check passed, the data loaded and Ray started
         shutil.rmtree(spec.folder, ignore_errors=True)
         if spec.storage:
@@ -240,7 +404,18 @@ def open_folder(spec: SearchSpec) -> dict[str, Any]:
     if spec.resume and spec.storage and not (spec.folder / SEARCH_FILE).is_file():  # resumed on another machine
         storage.download(spec.storage, spec.folder, storage.is_driver_file)
     previous = json.loads((spec.folder / SEARCH_FILE).read_text()) if spec.resume else {}
-    record = {**spec.saved(), "wall_seconds": previous.get("wall_seconds", 0.0), "sweep_id": previous.get("sweep_id")}
+    parts = [dict(part) for part in previous.get("parts", [])]
+    if previous and not parts:  # saved before searches grew: one part so far, with its wall seconds
+        parts = [{**new_part(spec), "started": None, "wall_seconds": previous.get("wall_seconds", 0.0)}]
+    if spec.grow or not parts:  # a new search, or one that grows: a new part, with its sample count and budget
+        parts.append(new_part(spec))
+    record = {
+        **spec.saved(),
+        "wall_seconds": previous.get("wall_seconds", 0.0),
+        "sweep_id": previous.get("sweep_id"),
+        "parts": parts,
+        "budget_stopped": previous.get("budget_stopped", []),  # trials an earlier part's budget stopped
+    }
     if spec.wandb_mode == "online" and not record["sweep_id"]:  # offline, `sync FOLDER` makes the sweep later
         record["sweep_id"] = create_sweep(sweep_config(spec.name, spec.config), spec.wandb_project)
     (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
@@ -249,11 +424,16 @@ def open_folder(spec: SearchSpec) -> dict[str, Any]:
     return record
 
 
-def fit(
-    spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = ()
-) -> tuple[tune.ResultGrid, TrialClock, float, str | None]:
-    """Build the Tuner (or restore it, with --resume) and fit it; returns its ResultGrid, the trials' start clock,
-    the search's wall seconds over all its drivers and its W&B sweep (online)."""
+def new_part(spec: SearchSpec) -> dict[str, Any]:
+    """A part of the search: when it began, the sample count it runs to, its time budget, its wall seconds so far."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    config = spec.config
+    return {"started": started, "num_samples": config.num_samples, "time_budget": config.time_budget, "wall_seconds": 0.0}
+
+
+def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = ()) -> tuple[tune.ResultGrid, TrialClock, dict]:
+    """Build the Tuner (or restore it, with --resume) and fit it; returns its ResultGrid, the trials' start clock
+    and the search's saved record (its wall seconds over all its drivers, its parts, its W&B sweep)."""
     record = open_folder(spec)
     if spec.wandb_mode == "offline" and spec.output != "quiet":
         print(f"W&B runs are offline; watch them live with:  {leet_command(str(spec.folder))}", flush=True)
@@ -279,20 +459,25 @@ def fit(
         tuner = tune.Tuner(
             function, param_space=spec.config.param_space(), tune_config=tune_config(spec), run_config=run_config(spec, callbacks)
         )
-    began = time.time()
-    if spec.config.time_budget is not None:  # when Tune's stopper will have spent the budget left, at the latest
-        wandb_callback.deadline = began + spec.config.time_budget - record["wall_seconds"]
+    part, began = record["parts"][-1], time.time()
+    # when this part's budget runs out: what it has left (a resumed part) from now
+    deadline = began + part["time_budget"] - part["wall_seconds"] if part["time_budget"] is not None else None
+    wandb_callback.deadline = deadline
     try:
-        with tune_environment(spec.output), kept_out(spec.wandb_mode):
+        with tune_environment(spec.output), kept_out(spec.wandb_mode), this_part(spec.config.num_samples, deadline):
             grid = tuner.fit()
     finally:  # also when FailFast stopped the search
         wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over
     keeper.prune_ended()  # the ended trials' checkpoints: Tune's final state, saved, no longer names them
-    record["wall_seconds"] += time.time() - began
+    elapsed = time.time() - began
+    record["wall_seconds"] += elapsed
+    part["wall_seconds"] += elapsed
+    if budget_spent(part):  # the trials it stopped stay stopped_by_budget (or not_started) in every later part
+        record["budget_stopped"] = sorted(set(record["budget_stopped"]) | unfinished(grid))
     (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
     if spec.storage:  # the trials' logs (not their checkpoints) for the results and the report
         storage.download(spec.storage, spec.folder, storage.is_trial_file)
-    return grid, clock, record["wall_seconds"], record["sweep_id"]
+    return grid, clock, record
 
 
 @contextmanager

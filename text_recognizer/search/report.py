@@ -21,7 +21,7 @@ import optuna  # noqa: E402
 import optuna.visualization.matplotlib as vis  # noqa: E402
 
 from text_recognizer.facts import REPORT_PAGE, SUMMARY_FILE, TRIAL_PREFIX, TrialStatus  # noqa: E402
-from text_recognizer.search.results import finite, ranked, short  # noqa: E402
+from text_recognizer.search.results import describe_part, finite, plus_minus, ranked, short  # noqa: E402
 from text_recognizer.util import UserError  # noqa: E402
 
 TOP = 10  # rows of the report's table
@@ -167,6 +167,8 @@ def write_report(folder: Path, summary: dict[str, Any] | None = None, top: int =
         "metric_vs_hyperparameters.png": lambda p: plot_optuna(vis.plot_slice, summary, p),
         "importance.png": lambda p: plot_importance(summary, p),
     }
+    if summary.get("confirm") and summary["confirm"]["configs"]:
+        figures["confirm.png"] = lambda p: plot_confirm(summary["confirm"], p)
     if not summary["space"]:  # every hyperparameter fixed (a benchmark's one configuration): nothing to plot them against
         figures = {"curves.png": figures["curves.png"]}
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per study the report builds
@@ -208,6 +210,9 @@ def render(summary: dict[str, Any], images: dict[str, Path], top: int) -> str:
         for name, path in images.items()
     )
     counts = ", ".join(f"{n} {status}" for status, n in summary["statuses"].items())
+    parts = summary.get("parts") or []
+    grown = f"<p>Ran in {len(parts)} parts: {html.escape('; '.join(map(describe_part, parts)))}.</p>" if len(parts) > 1 else ""
+    confirmed = render_confirm(summary.get("confirm"))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Search {html.escape(summary["name"])}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse}}
@@ -216,11 +221,53 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{max-width:1
 <h1>Search {html.escape(summary["name"])}</h1>
 <p>{summary["num_trials"]} trials ({html.escape(counts)}), {summary["total_epochs"]} epochs,
 {summary["wall_seconds"]:.0f} s; metric {html.escape(metric)} ({summary["settings"]["mode"]}).</p>
+{grown}
 {winner}
+{confirmed}
 <h2>Top {min(top, len(rows))} trials</h2>{table}
 {figures}
 </body></html>
 """
+
+
+def render_confirm(confirm: dict[str, Any] | None) -> str:
+    """--confirm's table: mean ± std of each confirmed config's val metric and test accuracy over its new seeds."""
+    if not confirm:
+        return ""
+    head = ["config of", "search", f"{confirm['metric']} mean ± std", "test_acc mean ± std", "seeds"]
+    rows = [
+        [
+            entry["trial_id"],
+            f"{entry['search_value']:.4f}",
+            plus_minus(entry["val_mean"], entry["val_std"]),
+            plus_minus(entry["test_acc_mean"], entry["test_acc_std"]),
+            ", ".join(str(run["seed"]) for run in entry["runs"]),
+        ]
+        for entry in confirm["configs"]
+    ]
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
+    return (
+        f"<h2>Confirmed: top {confirm['top_k']} configs, {confirm['seeds']} new seeds each</h2>"
+        f"<p>The winner is the config with the best mean {html.escape(confirm['metric'])}: "
+        f"<b>{html.escape(str(confirm['winner']))}</b>.</p>{table}"
+    )
+
+
+def plot_confirm(confirm: dict[str, Any], path: Path) -> None:
+    """Each confirmed config's mean val metric and test accuracy over its seeds, with ± one std as error bars."""
+    entries = confirm["configs"]
+    figure, axes = plt.subplots(figsize=(max(4, 1.6 * len(entries)), 3.5))
+    x = np.arange(len(entries))
+    for offset, key, label in ((-0.1, "val", confirm["metric"]), (0.1, "test_acc", "test_acc")):
+        means = [entry[f"{key}_mean"] if entry[f"{key}_mean"] is not None else np.nan for entry in entries]
+        stds = [entry[f"{key}_std"] or 0.0 for entry in entries]
+        axes.errorbar(x + offset, means, yerr=stds, fmt="o", capsize=4, label=label)
+    axes.set_xticks(x, [entry["trial_id"] for entry in entries], rotation=20)
+    axes.set_ylabel("mean ± std over seeds")
+    axes.set_title(f"confirmed configs, {confirm['seeds']} seeds each")
+    axes.legend()
+    _save(figure, path)
 
 
 def _save(figure: Any, path: Path) -> None:

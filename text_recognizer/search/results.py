@@ -11,7 +11,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
@@ -139,14 +139,15 @@ def best_checkpoint(result: Result, row: dict[str, Any], spec: SearchSpec) -> di
 
 
 def collect(
-    results: Iterable[Result], spec: SearchSpec, trial_starts: dict[str, float], budget_ended: bool = False
+    results: Iterable[Result], spec: SearchSpec, trial_starts: dict[str, float], budget_ended: bool | Collection[str] = False
 ) -> tuple[list[dict], dict | None]:
     """One row per trial (by trial id), and the best checkpoint of all trials that neither failed nor diverged;
-    `budget_ended`: the time budget stopped the trials that have not ended."""
+    `budget_ended`: the time budget stopped the trials that have not ended (True: all of them; else their ids)."""
     rows, best = [], None
     sign = 1 if spec.config.mode == "max" else -1
     for result in sorted(results, key=lambda r: own_metrics(r)[0]):
-        row = trial_row(result, spec, trial_starts, budget_ended)
+        stopped = budget_ended if isinstance(budget_ended, bool) else own_metrics(result)[0] in budget_ended
+        row = trial_row(result, spec, trial_starts, stopped)
         rows.append(row)
         candidate = best_checkpoint(result, row, spec)
         if candidate and (best is None or sign * candidate["value"] > sign * best["value"]):
@@ -156,8 +157,18 @@ def collect(
     return rows, best
 
 
+def unfinished(results: Iterable[Result]) -> set[str]:
+    """The ids of the trials whose last result is not their last (stopped, or never started)."""
+    return {trial_id for trial_id, last in map(own_metrics, results) if not last.get("done")}
+
+
 def summarize(
-    spec: SearchSpec, rows: list[dict], best: dict | None, wall_seconds: float, sweep_id: str | None = None
+    spec: SearchSpec,
+    rows: list[dict],
+    best: dict | None,
+    wall_seconds: float,
+    sweep_id: str | None = None,
+    parts: list[dict] | None = None,
 ) -> dict[str, Any]:
     """The summary of a search (what summary.json holds)."""
     statuses: dict[str, int] = {}
@@ -180,6 +191,8 @@ def summarize(
         "total_epochs": total_epochs,
         "epoch_fraction": total_epochs / max(1, len(rows) * spec.config.max_t),
         "wall_seconds": wall_seconds,
+        # the runs of the search: the first, then one per growth (--resume with --num-samples or --time-budget)
+        "parts": parts or [],
         "startup_seconds_median": statistics.median(startups) if startups else None,
         "best": best,
         "nodes": trials_per_node(rows),
@@ -238,10 +251,13 @@ def print_report(summary: dict[str, Any], top: int = TOP_TRIALS, file: TextIO = 
         values = "".join(f"{short(row['config'].get(k)):>{widths[k]}}" for k in searched)
         print(f"{rank:>4}  {row['trial_id']:<14}{row[key]:>14.4f}{row['epochs']:>8}  {row['status']:<18}{values}", file=file)
     print_nodes(summary.get("nodes") or [], file)
+    print_parts(summary.get("parts") or [], file)
+    print_confirm(summary.get("confirm"), file)
     best = summary["best"]
     if best:
         print(
-            f"\nBest trial {best['trial_id']}: {best['metric']}={best['value']:.4f} at epoch {best['epoch']}, "
+            f"\nBest trial {best['trial_id']}{confirmed_from(best)}: {best['metric']}={best['value']:.4f} "
+            f"at epoch {best['epoch']}, "
             f"checkpoint {best['checkpoint']}",
             file=file,
         )
@@ -269,6 +285,45 @@ def print_nodes(nodes: list[dict[str, Any]], file: TextIO) -> None:
     if nodes:
         counts = ", ".join(f"{node['node_ip']} ({node['node_id'][:8]}): {node['trials']}" for node in nodes)
         print(f"Trials per node: {counts}", file=file)
+
+
+def print_parts(parts: list[dict[str, Any]], file: TextIO) -> None:
+    """A grown search's parts: when each began, the sample count it ran to, its budget and wall time."""
+    if len(parts) > 1:
+        print(f"Ran in {len(parts)} parts: " + "; ".join(describe_part(part) for part in parts), file=file)
+
+
+def print_confirm(confirm: dict[str, Any] | None, file: TextIO) -> None:
+    """--confirm's table: each confirmed config's mean ± std of its best val metric and its test accuracy."""
+    if not confirm:
+        return
+    metric = confirm["metric"]
+    print(
+        f"\nConfirmed: the top {confirm['top_k']} configs, {confirm['seeds']} new seeds each (winner: best mean {metric})",
+        file=file,
+    )
+    print(f"{'config of':<14}{'search':>10}{metric + ' mean ± std':>24}{'test_acc mean ± std':>24}", file=file)
+    for entry in confirm["configs"]:
+        print(
+            f"{entry['trial_id']:<14}{entry['search_value']:>10.4f}{plus_minus(entry['val_mean'], entry['val_std']):>24}"
+            f"{plus_minus(entry['test_acc_mean'], entry['test_acc_std']):>24}",
+            file=file,
+        )
+    if confirm.get("interrupted"):
+        print("The confirm stage was interrupted: --resume with the same --confirm finishes it.", file=file)
+
+
+def confirmed_from(best: dict[str, Any]) -> str:
+    return f" (a confirm run of {best['confirm_of']}'s config, the best mean)" if best.get("confirm_of") else ""
+
+
+def plus_minus(mean: float | None, std: float | None) -> str:
+    return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def describe_part(part: dict[str, Any]) -> str:
+    budget = f"budget {part['time_budget']:g} s" if part.get("time_budget") is not None else "no budget"
+    return f"{part['started']} to {part['num_samples']} samples, {budget}, {part['wall_seconds']:.0f} s"
 
 
 def short(value: Any) -> str:

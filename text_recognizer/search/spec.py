@@ -39,6 +39,7 @@ TRIALS_PER_GPU = 4  # small models leave most of a GPU idle: pack four trials on
 # a finished search keeps the checkpoints of its best trials only (replay needs flags, the report metrics); each is
 # weights only (their sizes: docs/benchmarks.md)
 KEEP_CHECKPOINTS = 3
+CONFIRM_SEEDS = 3  # --confirm TOP_K: new seeds per config
 MAX_FAILURES = 2  # retries of a trial whose worker died, each from its newest checkpoint
 TRIAL_PROCESSES = ("actor", "fork")  # where a trial trains: its Tune actor (Ray's way), or a fork server's child
 TOP_TRIALS = 5  # rows of the final table
@@ -61,11 +62,14 @@ class SearchSpec:
     address: str | None = None  # a cluster to join; None: start a local one
     storage: str | None = None  # a URI (s3://bucket/prefix) where Tune keeps state and checkpoints; None: folder.parent
     resume: bool = False
+    grow: bool = False  # --resume with --num-samples or --time-budget: a new part of the search
     overwrite: bool = False
     max_failures: int = MAX_FAILURES
     keep_checkpoints: int = KEEP_CHECKPOINTS
     max_concurrent: int | None = None
     top: int = TOP_TRIALS
+    confirm: tuple[int, int] | None = None  # --confirm TOP_KxSEEDS: retrain the best configs with new seeds
+    warm_start: Path | None = None  # --warm-start FOLDER: an earlier search whose trials seed the study
     output: str = "progress"  # progress (a line per finished trial, a status line), tune (Tune's own), quiet
 
     @property
@@ -156,7 +160,25 @@ def build_search_parser() -> Parser:
         help=f"trials whose best checkpoint a finished search keeps: the best N ({KEEP_CHECKPOINTS})",
     )
     add("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
-    add("--resume", action="store_true", help="continue the search --name after a crash or Ctrl-C")
+    add(
+        "--resume",
+        action="store_true",
+        help="continue the search --name after a crash or Ctrl-C; with --num-samples (more) or --time-budget (for "
+        "this part), grow it, finished or not",
+    )
+    add(
+        "--confirm",
+        default=None,
+        metavar="TOP_K[xSEEDS]",
+        help="after the search, train the TOP_K best configs again with SEEDS new seeds each (default 3) at the full "
+        "max_t; the winner is the best mean (default: off)",
+    )
+    add(
+        "--warm-start",
+        default=None,
+        metavar="FOLDER",
+        help="seed a new Optuna search's study with the finished trials of the earlier search in FOLDER",
+    )
     add("--overwrite", action="store_true", help="delete an existing search of the same --name and start over")
     add("--wandb-project", default=WANDB_PROJECT, help=f"W&B project (default {WANDB_PROJECT})")
     add(
@@ -274,10 +296,9 @@ def resumed_spec(args: argparse.Namespace, overrides: dict[str, Any], storage: P
     check_name(args.name)
     given = {
         "--config": args.config,
-        "--num-samples": args.num_samples is not None,
         "--search-alg": args.search_alg,
-        "--time-budget": args.time_budget,
         "--smoke-test": args.smoke_test,
+        "--warm-start": args.warm_start,
         "--overwrite": args.overwrite,
         "--wandb-mode": args.wandb_mode,
         "--wandb-project": args.wandb_project != WANDB_PROJECT,
@@ -285,8 +306,8 @@ def resumed_spec(args: argparse.Namespace, overrides: dict[str, Any], storage: P
     changes = [flag for flag, value in given.items() if value] + [f"--{key}" for key in overrides]
     if changes:
         raise UserError(
-            f"--resume continues the search as it was saved and can't change {', '.join(changes)}: "
-            "drop them, or start a new search under another --name"
+            f"--resume continues the search as it was saved and can't change {', '.join(changes)} (only "
+            "--num-samples and --time-budget grow it): drop them, or start a new search under another --name"
         )
     saved = saved_search(storage / args.name, storage_uri(args))
     trial_process = saved.get("trial_process", TRIAL_PROCESSES[0])
@@ -294,8 +315,23 @@ def resumed_spec(args: argparse.Namespace, overrides: dict[str, Any], storage: P
         raise UserError(
             f"--resume: the search {args.name!r} trains its trials with --trial-process {trial_process}: drop the flag"
         )
-    config = SearchConfig(**saved["config"])
-    return _spec(args, storage / args.name, config, saved["wandb_mode"], saved["wandb_project"], trial_process)
+    config = grown_config(SearchConfig(**saved["config"]), args, saved)
+    spec = _spec(args, storage / args.name, config, saved["wandb_mode"], saved["wandb_project"], trial_process)
+    return replace(spec, grow=args.num_samples is not None or args.time_budget is not None)
+
+
+def grown_config(config: SearchConfig, args: argparse.Namespace, saved: dict[str, Any]) -> SearchConfig:
+    """A saved search's config grown by --num-samples (never fewer) and --time-budget (this part's)."""
+    if args.num_samples is None and args.time_budget is None:
+        return config
+    if "parts" not in saved:
+        raise UserError(f"--resume {args.name}: this search was saved before searches could grow: resume it as it is")
+    if args.num_samples is not None and args.num_samples < config.num_samples:
+        raise UserError(
+            f"--num-samples {args.num_samples}: the search {args.name!r} has {config.num_samples} samples already; "
+            "growing only adds samples"
+        )
+    return with_search_flags(config, args)
 
 
 def storage_uri(args: argparse.Namespace) -> str | None:
@@ -351,7 +387,32 @@ def new_spec(args: argparse.Namespace, overrides: dict[str, Any], storage: Path)
             "pick another --name, or start over with --overwrite"
         )
     wandb_mode, trial_process = args.wandb_mode or default_wandb_mode(), args.trial_process or TRIAL_PROCESSES[0]
-    return _spec(args, storage / name, config, wandb_mode, args.wandb_project, trial_process)
+    spec = _spec(args, storage / name, config, wandb_mode, args.wandb_project, trial_process)
+    return replace(spec, warm_start=warm_start_folder(args.warm_start, config))
+
+
+def warm_start_folder(text: str | None, config: SearchConfig) -> Path | None:
+    """The earlier search that --warm-start names, checked: Optuna only, a search folder, the same metric."""
+    if text is None:
+        return None
+    if config.search_alg != "optuna":
+        raise UserError(
+            f"--warm-start: search_alg {config.search_alg} samples at random, so there is no model to warm: "
+            "use --search-alg optuna"
+        )
+    folder = Path(text).expanduser().resolve()
+    if not (folder / "summary.json").is_file() or not (folder / SEARCH_FILE).is_file():
+        raise UserError(f"--warm-start {folder}: not a search folder (no {SEARCH_FILE} and summary.json)")
+    try:
+        earlier = json.loads((folder / "summary.json").read_text())["settings"]
+    except (ValueError, KeyError) as error:
+        raise UserError(f"--warm-start {folder}: unreadable summary.json ({error})") from None
+    if (earlier.get("metric"), earlier.get("mode")) != (config.metric, config.mode):
+        raise UserError(
+            f"--warm-start {folder}: that search optimized {earlier.get('metric')} ({earlier.get('mode')}), "
+            f"this one {config.metric} ({config.mode}): its values would mislead the study"
+        )
+    return folder
 
 
 def _spec(
@@ -370,12 +431,26 @@ def _spec(
         storage=storage_uri(args),
         resume=args.resume,
         overwrite=args.overwrite,
+        confirm=parse_confirm(args.confirm),
         max_failures=args.max_failures,
         keep_checkpoints=args.keep_checkpoints,
         max_concurrent=args.max_concurrent,
         top=args.top,
         output="quiet" if args.quiet else "tune" if args.verbose else "progress",
     )
+
+
+def parse_confirm(text: str | None) -> tuple[int, int] | None:
+    """--confirm TOP_K[xSEEDS] as (TOP_K, SEEDS); UserError unless both are >= 1."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"(\d+)(?:x(\d+))?", text.strip().lower())
+    if not match:
+        raise UserError(f"--confirm {text!r}: write TOP_K or TOP_KxSEEDS, e.g. 3x3")
+    top_k, seeds = int(match.group(1)), int(match.group(2) or CONFIRM_SEEDS)
+    if top_k < 1 or seeds < 1:
+        raise UserError(f"--confirm {text}: needs at least 1 config and 1 seed, e.g. 3x3")
+    return top_k, seeds
 
 
 def describe(argv: Sequence[str] | None) -> SearchSpec:

@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -86,8 +86,15 @@ class WandbTrialCallback(tune.Callback):
     never the environment), finishes runs without our trial statuses, and a resumed trial would start a second
     offline file for the same run id; this one takes over the old run and re-logs its epochs (see below)."""
 
-    def __init__(self, spec: SearchSpec, sweep_id: str | None = None) -> None:
-        self.spec, self.sweep_id = spec, sweep_id
+    def __init__(
+        self,
+        spec: SearchSpec,
+        sweep_id: str | None = None,
+        job_type: str = "trial",
+        labels: Callable[[Any], dict[str, Any]] | None = None,
+    ) -> None:
+        """`job_type`: trial, or confirm for a --confirm stage's runs; `labels`: more config keys for a trial's run."""
+        self.spec, self.sweep_id, self.job_type, self.labels = spec, sweep_id, job_type, labels
         # each open run with its Tune trial, to finish it if the search is interrupted
         self.runs: dict[str, tuple[Any, Any]] = {}
         self.logged_epoch: dict[str, int] = {}
@@ -108,10 +115,15 @@ class WandbTrialCallback(tune.Callback):
             id=identifier,
             name=str(trial),
             group=self.spec.name,
-            job_type="trial",
+            job_type=self.job_type,
             dir=str(self.spec.folder),
             mode=self.spec.wandb_mode,
-            config={**trial.config, "search": self.spec.config.settings(), "trial_id": trial.trial_id},
+            config={
+                **trial.config,
+                "search": self.spec.config.settings(),
+                "trial_id": trial.trial_id,
+                **(self.labels(trial) if self.labels else {}),
+            },
         )
         self.runs[trial.trial_id] = run, trial
         self.logged_epoch[trial.trial_id] = 0
@@ -127,10 +139,7 @@ class WandbTrialCallback(tune.Callback):
         the new run re-logs the earlier epochs. They come from Tune's result.json, flushed at every
         result: a killed driver never got to flush its `.wandb` files.
         """
-        superseded = self.spec.folder / "wandb" / "superseded"
-        for folder in sorted(self.spec.folder.glob(f"wandb/offline-run-*-{identifier}")):
-            superseded.mkdir(parents=True, exist_ok=True)
-            folder.rename(superseded / folder.name)
+        supersede_offline_runs(self.spec.folder, identifier)
         _, latest = tracked_results(trial)
         results = Path(trial.path) / "result.json"
         if latest is None or not results.is_file():
@@ -209,6 +218,15 @@ class WandbTrialCallback(tune.Callback):
             self._finish(trial, status)
 
 
+def supersede_offline_runs(folder: Path, identifier: str) -> None:
+    """Move a search's earlier offline folders of run `identifier` to wandb/superseded/ (kept, never synced): the
+    run that starts next replaces them, so syncing the search uploads each run once."""
+    superseded = folder / "wandb" / "superseded"
+    for earlier in sorted(folder.glob(f"wandb/offline-run-*-{identifier}")):
+        superseded.mkdir(parents=True, exist_ok=True)
+        earlier.rename(superseded / earlier.name)
+
+
 def finish_search(spec: SearchSpec, summary: dict[str, Any], sweep_id: str | None) -> None:
     """The end of a finished search in W&B: its summary run, and (online) its sweep marked finished."""
     log_summary_run(spec, summary)
@@ -220,6 +238,8 @@ def log_summary_run(spec: SearchSpec, summary: dict[str, Any]) -> str:
     """One more run (job_type summary): a table of all trials and the best checkpoint as a model artifact."""
     import wandb
 
+    if spec.wandb_mode == "offline":  # a grown search's summary covers the whole search: it replaces the earlier one
+        supersede_offline_runs(spec.folder, wandb_run_id(spec.name, "summary"))
     run = init_run(
         requirements=True,  # once per search: what it ran with
         project=spec.wandb_project,
@@ -229,7 +249,7 @@ def log_summary_run(spec: SearchSpec, summary: dict[str, Any]) -> str:
         job_type="summary",
         dir=str(spec.folder),
         mode=spec.wandb_mode,
-        config={key: summary[key] for key in ("name", "settings", "space")},
+        config={key: summary.get(key) for key in ("name", "settings", "space", "parts")},
     )
     rows, best_key = summary["trials"], f"best_{spec.config.metric}"
     columns = sorted({key for row in rows for key in row["config"]})
@@ -251,5 +271,6 @@ def log_summary_run(spec: SearchSpec, summary: dict[str, Any]) -> str:
         run.summary.update({"best_trial_id": best["trial_id"], best_key: best["value"]})
         run.summary.update({key: best[key] for key in ("test_acc", "test_loss") if best.get(key) is not None})
     run.summary.update({"num_trials": summary["num_trials"], "total_epochs": summary["total_epochs"]})
+    run.summary.update({"num_parts": len(summary.get("parts") or []), "wall_seconds": summary["wall_seconds"]})
     run.finish()
     return run.dir

@@ -1,0 +1,121 @@
+"""grow.py on real Tune with a trivial trainable: a restored search grows as if it had been started larger, ASHA's
+rungs come back, the per-part budget stops. These tests also catch a Ray release that moves what grow.py reaches."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray import tune
+
+from text_recognizer.search.grow import (
+    GrowingSearchGenerator,
+    GrowingVariantGenerator,
+    PartBudget,
+    ResumableASHA,
+    rung_values,
+    this_part,
+)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def report_epochs(config: dict) -> None:
+    for epoch in range(1, config["epochs"] + 1):
+        tune.report({"score": config["x"] + epoch})
+
+
+def report_high_then_low(config: dict) -> None:
+    """Scores 10 + epoch, or 0 + epoch once the file config["low"] exists (the trials of a later part)."""
+    base = 0 if os.path.exists(config["low"]) else 10
+    for epoch in range(1, config["epochs"] + 1):
+        tune.report({"score": base + epoch, "base": base})
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers can't import this test module
+
+SPACE = {"x": tune.uniform(0, 1), "epochs": 2}
+
+
+def fit(tmp_path: Path, name: str, num_samples: int, search_alg, scheduler=None, space=SPACE) -> tune.ResultGrid:
+    tune_config = tune.TuneConfig(metric="score", mode="max", num_samples=num_samples, search_alg=search_alg, scheduler=scheduler)
+    run_config = tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0, stop=PartBudget())
+    with this_part(num_samples, None):
+        return tune.Tuner(report_epochs, param_space=space, tune_config=tune_config, run_config=run_config).fit()
+
+
+def grown(tmp_path: Path, name: str, num_samples: int) -> tune.ResultGrid:
+    tuner = tune.Tuner.restore(str(tmp_path / name), report_epochs, resume_unfinished=True)
+    with this_part(num_samples, None):
+        return tuner.fit()
+
+
+def configs(grid: tune.ResultGrid) -> list[float]:
+    """The trials' x, in the order the sampler drew them (the experiment tag starts with a counter)."""
+    return [r.config["x"] for r in sorted(grid, key=lambda r: int(r.metrics["experiment_tag"].split("_")[0]))]
+
+
+def test_a_grown_random_search_draws_what_a_larger_one_draws(local_ray: None, tmp_path: Path) -> None:
+    first = fit(tmp_path, "small", 3, GrowingVariantGenerator(random_state=7))
+    assert len(first) == 3
+    larger = fit(tmp_path, "large", 5, GrowingVariantGenerator(random_state=7))
+    again = grown(tmp_path, "small", 5)
+    assert len(again) == 5 and configs(again) == configs(larger)
+    assert configs(again)[:3] == configs(first)
+    assert grown(tmp_path, "small", 5).num_errors == 0 and len(grown(tmp_path, "small", 5)) == 5  # nothing more
+
+
+def test_a_grown_optuna_search_keeps_its_study(local_ray: None, tmp_path: Path) -> None:
+    from ray.tune.search.optuna import OptunaSearch
+
+    first = fit(tmp_path, "tpe", 3, GrowingSearchGenerator(OptunaSearch(seed=1)))
+    again = grown(tmp_path, "tpe", 5)
+    assert len(again) == 5 and configs(again)[:3] == configs(first)
+    # the study Tune saved holds all five trials, the first three as they were, each with its intermediate values
+    generator = GrowingSearchGenerator(OptunaSearch(seed=1))
+    generator.restore_from_dir(str(tmp_path / "tpe"))
+    study = generator.searcher._ot_study
+    assert len(study.trials) == 5 and all(trial.state.name == "COMPLETE" for trial in study.trials)
+    assert [trial.params["x"] for trial in study.trials[:3]] == configs(first)
+    assert all(sorted(trial.intermediate_values) == [1, 2] for trial in study.trials)
+
+
+def test_restored_asha_judges_new_trials_against_the_earlier_rungs(local_ray: None, tmp_path: Path) -> None:
+    """Earlier trials score 10 + epoch, later ones 0 + epoch: against refilled rungs ASHA stops each later one at
+    the first rung, where against empty rungs (Tune's own restore) the first later one would go on."""
+    space = {"x": tune.grid_search([0, 1]), "epochs": 4, "low": str(tmp_path / "low")}
+    scheduler = ResumableASHA(time_attr="training_iteration", max_t=4, grace_period=1, reduction_factor=2)
+    tune_config = tune.TuneConfig(
+        metric="score", mode="max", num_samples=1, search_alg=GrowingVariantGenerator(random_state=0), scheduler=scheduler
+    )
+    run_config = tune.RunConfig(name="asha", storage_path=str(tmp_path), verbose=0, stop=PartBudget())
+    with this_part(1, None):
+        tune.Tuner(report_high_then_low, param_space=space, tune_config=tune_config, run_config=run_config).fit()
+    assert [len(values) for values in rung_values(scheduler)] == [2, 2, 2]  # rungs at epochs 1, 2 and 4: both trials
+
+    (tmp_path / "low").write_text("")
+    tuner = tune.Tuner.restore(str(tmp_path / "asha"), report_high_then_low)
+    with this_part(2, None):
+        grid = tuner.fit()
+    epochs = sorted((r.metrics["base"], r.metrics["training_iteration"]) for r in grid)
+    assert epochs == [(0, 1), (0, 1), (10, 4), (10, 4)], epochs
+
+
+def test_the_part_budget_stops_at_its_deadline(local_ray: None, tmp_path: Path) -> None:
+    space = {"x": tune.uniform(0, 1), "epochs": 1}
+    tune_config = tune.TuneConfig(metric="score", mode="max", num_samples=500, search_alg=GrowingVariantGenerator())
+    run_config = tune.RunConfig(name="budget", storage_path=str(tmp_path), verbose=0, stop=PartBudget())
+    began = time.time()
+    with this_part(500, began + 20):
+        grid = tune.Tuner(report_epochs, param_space=space, tune_config=tune_config, run_config=run_config).fit()
+    ran = sum(r.metrics.get("training_iteration", 0) for r in grid if r.metrics)
+    assert 0 < ran < 500 and 20 <= time.time() - began < 60, ran

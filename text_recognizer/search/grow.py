@@ -1,0 +1,143 @@
+"""Runs in the driver: what lets a search grow (more samples, another time budget) and still be one Tune experiment.
+
+Why a restored Tuner and not a new experiment seeded with the earlier results: Tune's restore already brings back
+everything a grown search must continue from: the random sampler's seeded stream where it stopped, the Optuna
+study with every trial, its values and intermediate values, the trials with their checkpoints and W&B run ids.
+A second experiment would have to rebuild each of those by hand (fast-forward the random stream, copy the study,
+keep two experiment states apart in one folder, merge two ResultGrids). Restoring keeps one experiment, one
+ResultGrid, and `--resume` after a kill works as for any search. What Tune lacks, and this module adds:
+
+- the sample count rises on restore: Tune restores its search algorithm's state (num_samples included) inside
+  `Tuner.fit`, after the Tuner's own TuneConfig was read, so no public setting reaches it. GrowingVariantGenerator
+  and GrowingSearchGenerator raise it right after Tune restored them, to the count the driver set for this part
+  (`this_part`). That is the one private reach: `raise_samples` and `raise_searcher_samples` (tests/test_grow.py
+  fails loudly if a Ray release moves what they touch).
+- a time budget per part: Tune's own budget (TuneConfig.time_budget_s) is a stopper whose remaining seconds are
+  saved with the experiment and restored over any new one. PartBudget instead stops at the deadline the driver
+  set for this fit, so a grown part gets its own budget and a resumed part what was left of its own.
+- ASHA's rungs survive a restore: Tune never saves the scheduler's state, so a restored ASHA would judge new trials
+  against empty rungs. ResumableASHA refills each restored trial's rungs from its result.json.
+
+The driver runs one search at a time, so this part's settings are class attributes of `Part`, set around
+`tuner.fit()`: the objects Tune unpickles on restore (the stopper, the search algorithm) find them there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.search_generator import SearchGenerator
+from ray.tune.stopper import Stopper
+
+
+class Part:
+    """This driver's part of the search: the sample count it grows to and when its time budget runs out."""
+
+    num_samples: int | None = None
+    deadline: float | None = None
+
+
+@contextmanager
+def this_part(num_samples: int, deadline: float | None) -> Iterator[None]:
+    Part.num_samples, Part.deadline = num_samples, deadline
+    try:
+        yield
+    finally:
+        Part.num_samples, Part.deadline = None, None
+
+
+def raise_samples(generator: BasicVariantGenerator, num_samples: int) -> int:
+    """Private reach: let a restored random sampler draw up to `num_samples` samples, continuing its seeded stream
+    (the same numpy generator, pickled with its state). Returns the samples added."""
+    iterators = getattr(generator, "_iterators", None)
+    if not iterators or not all(hasattr(iterators[-1], key) for key in ("num_samples", "num_samples_left")):
+        raise RuntimeError("this Ray release keeps BasicVariantGenerator's sample count elsewhere: update raise_samples")
+    last = iterators[-1]
+    extra = num_samples - last.num_samples
+    if extra <= 0:
+        return 0
+    per_sample = max(1, generator._total_samples // max(1, last.num_samples))  # a grid's variants per sample
+    last.num_samples += extra
+    last.num_samples_left += extra
+    generator._total_samples += extra * per_sample
+    generator._finished = False  # a search that ended (or whose budget ran out) was marked finished
+    return extra
+
+
+def raise_searcher_samples(generator: SearchGenerator, num_samples: int) -> int:
+    """Private reach: let a restored model-based search (Optuna's) ask for up to `num_samples` trials; its searcher
+    (the study, all earlier trials in it) is as Tune restored it. Returns the samples added."""
+    state = generator.get_state()
+    if not {"total_samples", "finished"} <= set(state):
+        raise RuntimeError("this Ray release keeps SearchGenerator's sample count elsewhere: update raise_searcher_samples")
+    extra = num_samples - state["total_samples"]
+    if extra <= 0:
+        return 0
+    generator.set_state({**state, "total_samples": num_samples, "finished": False})
+    return extra
+
+
+class GrowingVariantGenerator(BasicVariantGenerator):
+    """Tune's random sampler, raised to this part's sample count whenever Tune restores it."""
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        super().restore_from_dir(dirpath)
+        if Part.num_samples:
+            raise_samples(self, Part.num_samples)
+
+
+class GrowingSearchGenerator(SearchGenerator):
+    """Tune's wrapper of a Searcher (OptunaSearch), raised to this part's sample count whenever Tune restores it."""
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        super().restore_from_dir(dirpath)
+        if Part.num_samples:
+            raise_searcher_samples(self, Part.num_samples)
+
+
+class PartBudget(Stopper):
+    """Stops every trial (and the search) once this part's deadline passes; no deadline, no stop."""
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return Part.deadline is not None and time.time() >= Part.deadline
+
+
+def stored_history(trial: Any) -> list[dict[str, Any]]:
+    """A trial's results as Tune stored them (result.json, a line an epoch), through the trial's own storage
+    filesystem (a folder or a URI); [] when it has none."""
+    try:
+        with trial.storage.storage_filesystem.open_input_stream(f"{trial.path}/result.json") as stream:
+            text = stream.readall().decode()
+    except (OSError, RuntimeError):  # no file yet (a new trial), or no trial folder
+        return []
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs a restore refills: a restored trial's results go into its bracket as ASHA recorded them
+    the first time (the first result at or past each milestone), so new trials meet the rungs earlier ones filled."""
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if not trial.has_reported_at_least_once:
+            return
+        bracket = self._trial_info[trial.trial_id]
+        for result in stored_history(trial):
+            value = result.get(self._metric)
+            if self._time_attr in result and isinstance(value, (int, float)) and not math.isinf(value):
+                bracket.on_result(trial, result[self._time_attr], self._metric_op * value)  # records; no decision
+
+
+def rung_values(scheduler: ResumableASHA) -> list[dict[str, float]]:
+    """The values recorded at each rung of the first bracket, lowest rung first (for tests and debugging)."""
+    return [dict(recorded) for _, recorded in reversed(scheduler._brackets[0]._rungs)]
