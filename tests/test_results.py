@@ -123,6 +123,23 @@ def test_an_interrupted_search_gets_a_resume_command_and_no_sync_command(tmp_pat
     assert summary["resume_command"] == f"python search/tune_mlp.py --resume --name s --storage-path {tmp_path / 'store'}"
 
 
+def test_a_search_stopped_between_two_trials_is_interrupted_not_finished(tmp_path: Path) -> None:
+    """A SIGTERM or Ctrl-C between two trials leaves only ended trials (found by the chaos benchmark): the search
+    is still interrupted while it has sampled fewer than num_samples, unless its time budget ran out."""
+    from text_recognizer.search.driver import sampled_all
+
+    spec = replace(spec_for(tmp_path), config=replace(spec_for(tmp_path).config, num_samples=3, time_budget=60.0))
+    rows = [{"trial_id": t, "status": "completed", "epochs": 5, "startup_seconds": None, "config": {}} for t in "ab"]
+    running = {"parts": [{"time_budget": 60.0, "wall_seconds": 20.0}]}
+    assert not sampled_all(spec, rows, running)
+    summary = summarize(spec, rows, None, 20.0, sampled_all=sampled_all(spec, rows, running))
+    assert summary["interrupted"] and summary["resume_command"].endswith(f"--name s --storage-path {tmp_path}")
+    assert "sync_command" not in summary["wandb"]
+    spent = {"parts": [{"time_budget": 60.0, "wall_seconds": 60.5}]}
+    assert sampled_all(spec, rows, spent) and not summarize(spec, rows, None, 60.5)["interrupted"]
+    assert sampled_all(spec, [*rows, {**rows[0], "trial_id": "c"}], running)
+
+
 def test_a_trial_never_takes_another_trials_metrics(tmp_path: Path) -> None:
     """A trial that errored before its first result can come back from Tune carrying another trial's last result
     (seen with a reused actor): its row keeps its own id, has no epochs, and it is not counted as that trial."""

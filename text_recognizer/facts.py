@@ -115,9 +115,10 @@ def trial_status(last: dict[str, Any], max_t: int, error: bool = False, budget_e
     return TrialStatus.COMPLETED if last["training_iteration"] >= max_t else TrialStatus.STOPPED_EARLY
 
 
-def search_ended(rows: list[dict[str, Any]]) -> bool:
-    """Whether every trial of a search ended (TrialStatus.FINAL): else it was interrupted, and --resume goes on."""
-    return all(row["status"] in TrialStatus.FINAL for row in rows)
+def search_ended(rows: list[dict[str, Any]], sampled_all: bool = True) -> bool:
+    """Whether a search ended: its sampler got to the end (`sampled_all`: the driver knows) and every trial it made
+    ended (TrialStatus.FINAL). Else it was interrupted, and --resume goes on."""
+    return sampled_all and all(row["status"] in TrialStatus.FINAL for row in rows)
 
 
 def wandb_run_id(search_name: str, trial_id: str) -> str:

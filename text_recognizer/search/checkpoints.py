@@ -277,13 +277,19 @@ def prune(trial: Any) -> None:
 
 
 def keep_best_trials(
-    results: list[Any], rows: list[dict[str, Any]], winner: str | None, metric: str, mode: str, keep: int
+    results: list[Any],
+    rows: list[dict[str, Any]],
+    winner: str | None,
+    metric: str,
+    mode: str,
+    keep: int,
+    sampled_all: bool = True,
 ) -> list[str] | None:
     """At the end of a finished search: delete every checkpoint of the ended trials but the winner's and the best
     `keep` by their best metric, and of the diverged ones; returns the ids of the trials whose checkpoint is kept.
     Errored trials keep theirs (--resume retries them); an interrupted search deletes nothing (its ranking is not
-    final) and returns None."""
-    if not search_ended(rows):
+    final) and returns None; `sampled_all`: the sampler got to the end (facts.search_ended)."""
+    if not search_ended(rows, sampled_all):
         return None
     key, sign = f"best_{metric}", (-1 if mode == "max" else 1)
     ranked = sorted(

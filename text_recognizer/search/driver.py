@@ -81,13 +81,13 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data = put_data(arrays.result())  # the dataset goes into Ray's object store once; the driver drops its copy
         grid, clock, record = fit(spec, data, [preemption])  # 3. build the Tuner (or restore it) and fit it
         rows, best = collect(grid, spec, clock.ready, set(record["budget_stopped"]))  # 4. the trials, from the ResultGrid
-        confirmed = None
-        if spec.confirm and best and search_ended(rows):  # --confirm: the best configs again, new seeds; best mean wins
+        ended, confirmed = search_ended(rows, sampled_all(spec, rows, record)), None
+        if spec.confirm and best and ended:  # --confirm: the best configs again, new seeds; best mean wins
             best, confirmed = confirm_winner(spec, rows, data, len(record["parts"]), [preemption])
-        best = local_winner(spec, best if confirmed else test_winner(spec, best, data, rows))
+        best = local_winner(spec, best if confirmed else test_winner(spec, best, data, ended))
         winner = best["trial_id"] if best else None
-        kept = keep_best_trials(list(grid), rows, winner, spec.config.metric, spec.config.mode, spec.keep_checkpoints)
-        summary = summarize(spec, rows, best, record["wall_seconds"], record["sweep_id"], record["parts"])
+        kept = keep_best_trials(list(grid), rows, winner, spec.config.metric, spec.config.mode, spec.keep_checkpoints, ended)
+        summary = summarize(spec, rows, best, record["wall_seconds"], record["sweep_id"], record["parts"], ended)
         summary["checkpoints_kept"] = kept  # a finished search keeps its best trials' only (--keep-checkpoints); None: all
         summary["preempted"] = preemption.received  # SIGTERM came: an interrupted search exits 143, not 130
         if confirmed is not None:
@@ -111,6 +111,12 @@ def top_k_seeds(spec: SearchSpec) -> str:
     return "x".join(map(str, spec.confirm)) if spec.confirm else ""
 
 
+def sampled_all(spec: SearchSpec, rows: list[dict], record: dict[str, Any]) -> bool:
+    """Whether the sampler got to the end: the search's sample count was reached, or its time budget ran out. A
+    search stopped (Ctrl-C, SIGTERM) between two trials has only ended trials, and is still not done."""
+    return len(rows) >= spec.config.num_samples or budget_spent(record["parts"][-1])
+
+
 def budget_spent(part: dict[str, Any]) -> bool:
     """Whether its time budget ended a part of the search: the part's wall seconds (over every driver that ran it)
     reached it (PartBudget stops at that deadline)."""
@@ -129,14 +135,14 @@ def load_data(spec: SearchSpec) -> Future:
     return decoding
 
 
-def test_winner(spec: SearchSpec, best: dict | None, data: ray.ObjectRef, rows: list[dict]) -> dict | None:
+def test_winner(spec: SearchSpec, best: dict | None, data: ray.ObjectRef, ended: bool) -> dict | None:
     """The best trial (chosen on val) with its checkpoint's test_acc and test_loss, evaluated once, at the end of a
     finished search, in the precision it trained in.
 
     In the driver, which has imported torch and Lightning already (for the run flags) and has every CPU to itself
     once the trials are done: a fresh Ray worker spent seconds importing them again (3 of a smoke search's 17 s
     outside the fit). The checkpoint is read where Tune stored it (a folder, or a URI through a local copy)."""
-    if best is None or not search_ended(rows):
+    if best is None or not ended:
         return best
     tested = earlier_test(spec.folder, best)
     if tested:  # a grown or resumed search whose winner did not change: its test stands, evaluated once

@@ -169,14 +169,15 @@ def summarize(
     wall_seconds: float,
     sweep_id: str | None = None,
     parts: list[dict] | None = None,
+    sampled_all: bool = True,
 ) -> dict[str, Any]:
-    """The summary of a search (what summary.json holds)."""
+    """The summary of a search (what summary.json holds); `sampled_all`: its sampler got to the end (facts.search_ended)."""
     statuses: dict[str, int] = {}
     for row in rows:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
     total_epochs = sum(row["epochs"] for row in rows)
     startups = [row["startup_seconds"] for row in rows if row["startup_seconds"] is not None]
-    interrupted = not search_ended(rows)
+    interrupted = not search_ended(rows, sampled_all)
     summary = {
         "name": spec.name,
         "interrupted": interrupted,
