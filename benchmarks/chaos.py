@@ -349,7 +349,7 @@ def check_trials(checks: Checks, search_dir: Path, trials: int, baseline: list[d
 
 
 def check_wandb(checks: Checks, search_dir: Path, summary: dict) -> None:
-    from text_recognizer.search.wandb_files import offline_runs
+    from text_recognizer.search.tracking.wandb_files import offline_runs
 
     runs = [run for run in offline_runs(search_dir) if run.job_type == "trial"]
     by_id = Counter(run.id for run in runs)
@@ -414,7 +414,7 @@ def check_winner_test(checks: Checks, summary: dict, folder: Path) -> None:
 
 
 def fork_server_pids(node_ids: list[str]) -> set[int]:
-    from text_recognizer.search import forkserver
+    from text_recognizer.search.trial import forkserver
 
     pids = set()
     for node_id in node_ids:

@@ -93,10 +93,10 @@ class MemorySampler(threading.Thread):
             for process in psutil.process_iter(["cmdline", "ppid", "pid"]):
                 try:
                     command = " ".join(process.info["cmdline"] or [])
-                    if "text_recognizer.search.forkserver" in command:
+                    if "text_recognizer.search.trial.forkserver" in command:
                         memory = process.memory_full_info()
                         parent = psutil.Process(process.info["ppid"])
-                        is_trial = "text_recognizer.search.forkserver" in " ".join(parent.cmdline())
+                        is_trial = "text_recognizer.search.trial.forkserver" in " ".join(parent.cmdline())
                         role, value = ("trial", memory.uss) if is_trial else ("server", memory.pss)
                     elif "ImplicitFunc" in command:
                         role, value = "actor", process.memory_full_info().uss
@@ -196,7 +196,7 @@ def recipe(
 
     from benchmarks.recipe import recipe_trainable
     from text_recognizer.search.config import load_config
-    from text_recognizer.search.results import TrialClock
+    from text_recognizer.search.outputs.results import TrialClock
 
     search = load_config(config, space_fixed)
     if max_t is not None:

@@ -145,7 +145,7 @@ def runs_written_here(folder: Path) -> list:
     """
     import wandb
 
-    from text_recognizer.search.wandb_files import offline_runs
+    from text_recognizer.search.tracking.wandb_files import offline_runs
 
     wandb.teardown()
     return offline_runs(folder)

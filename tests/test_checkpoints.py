@@ -14,7 +14,8 @@ from conftest import FIVE_EPOCHS, finish, results, wait_for
 from ray import tune
 
 from text_recognizer.facts import CHECKPOINT_NAME, HISTORY_NAME
-from text_recognizer.search.checkpoints import keep_only, repair_tracked, resumable
+from text_recognizer.search.outputs.checkpoints import keep_only, repair_tracked
+from text_recognizer.search.trial.resume import resumable
 
 
 def write_trial(folder: Path, epochs: int) -> list[Path]:

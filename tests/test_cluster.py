@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from conftest import FIVE_EPOCHS, ROOT, TRIAL_PROCESSES, finish, results, runs_written_here, summary_of, wait_for
 
-from text_recognizer.search import forkserver
-from text_recognizer.search.wandb_files import offline_runs
+from text_recognizer.search.tracking.wandb_files import offline_runs
+from text_recognizer.search.trial import forkserver
 
 # the tests' five-epoch search with longer epochs: the worker node is removed while its trial is half-way
 NODE_LOSS = FIVE_EPOCHS.replace("limit_train_batches: 60", "limit_train_batches: 150")
@@ -189,7 +189,7 @@ def test_an_epoch_tune_never_delivered_is_filled_from_the_checkpoint_history(tmp
 
     from text_recognizer.search.config import SMOKE_CONFIG, load_config
     from text_recognizer.search.spec import SearchSpec
-    from text_recognizer.search.wandb_logging import WandbTrialCallback
+    from text_recognizer.search.tracking.wandb_logging import WandbTrialCallback
 
     config = load_config(SMOKE_CONFIG)
     spec = SearchSpec("gap", tmp_path / "gap", config, "offline", "test", cpus_per_trial=None, gpus_per_trial=None)

@@ -15,7 +15,7 @@ import ray
 from ray import tune
 
 from text_recognizer.search.driver import put_data, replace_callbacks
-from text_recognizer.search.progress import Progress
+from text_recognizer.search.outputs.progress import Progress
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from text_recognizer.search.failfast import EXIT_STATUS, SearchCannotTrain, caus
 
 RAY_TASK_ERROR = """Failure # 1 (occurred at 2026-12-01_23-34-22)
 \x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=25206, ip=192.0.2.2, actor_id=4ee8, repr=train_in_actor)
-  File "/work/text_recognizer/search/trial_process.py", line 133, in train_trial
+  File "/work/text_recognizer/search/trial/trial_process.py", line 133, in train_trial
     train(
   File "/site-packages/lightning_fabric/connector.py", line 565, in _convert_precision_to_unified_args
     raise ValueError(f"Precision {repr(precision)} is invalid.")

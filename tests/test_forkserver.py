@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from text_recognizer.data.mnist import MNIST
-from text_recognizer.search import forkserver
-from text_recognizer.search.tune_actor import FORK_TARGET
+from text_recognizer.search.trial import forkserver
+from text_recognizer.search.trial.tune_actor import FORK_TARGET
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_trials_are_forks_sharing_the_servers_memory(tmp_path: Path, arrays: dic
     with forkserver.start_trial(request(tmp_path, key), node_id, os.getpid(), arrays) as first:
         message = next(iter(first))  # the trial process now waits for go_on: it holds a model and the data
         server = psutil.Process(first.pid).parent()
-        assert "text_recognizer.search.forkserver" in " ".join(server.cmdline())
+        assert "text_recognizer.search.trial.forkserver" in " ".join(server.cmdline())
         trial_memory = psutil.Process(first.pid).memory_full_info()
         server_memory = server.memory_full_info()
         # torch, Lightning and the data are the server's pages: the fork's own memory is a fraction of them

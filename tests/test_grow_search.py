@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import finish, results, summary_of, wait_for
 
-from text_recognizer.search.wandb_files import offline_runs
+from text_recognizer.search.tracking.wandb_files import offline_runs
 
 # tiny trials: 3 batches an epoch, 2 epochs; ASHA may stop some after the first
 GROW = """

@@ -15,7 +15,7 @@ from conftest import FIVE_EPOCHS, TRIAL_PROCESSES, finish, results, summary_of, 
 
 from text_recognizer.facts import CHECKPOINT_NAME
 from text_recognizer.predict import load_model
-from text_recognizer.search.wandb_files import offline_runs
+from text_recognizer.search.tracking.wandb_files import offline_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("mode", TRIAL_PROCESSES)]  # each test in both trial modes
 

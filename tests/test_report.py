@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from text_recognizer.cli import tune_mlp
-from text_recognizer.search.report import importance, load_curves, load_summary, plot_curves, write_report
+from text_recognizer.search.outputs.report import importance, load_curves, load_summary, plot_curves, write_report
 
 SPACE = {"fc1": {"choice": [16, 64]}, "lr": {"loguniform": [0.0001, 0.01]}, "optimizer": {"choice": ["Adam", "SGD"]}}
 

@@ -13,7 +13,7 @@ from ray.tune import Checkpoint, Result
 
 from text_recognizer.facts import TrialStatus, search_ended, trial_status
 from text_recognizer.search.config import load_config
-from text_recognizer.search.results import collect, summarize, write_results
+from text_recognizer.search.outputs.results import collect, summarize, write_results
 from text_recognizer.search.spec import SearchSpec
 
 # (id, last result, max_t, error, outcome)
@@ -93,7 +93,7 @@ def test_the_best_follows_the_metric_and_its_mode(tmp_path: Path) -> None:
 
 def test_summary_files_and_the_wandb_summary_table_name_the_search_metric(tmp_path: Path) -> None:
     """The table's best column is best_<metric>: with val_loss it is filled, not an empty best_val_acc."""
-    from text_recognizer.search.wandb_logging import log_summary_run
+    from text_recognizer.search.tracking.wandb_logging import log_summary_run
 
     spec = spec_for(tmp_path, "val_loss", "min")
     results = [
@@ -157,7 +157,7 @@ def test_a_trial_never_takes_another_trials_metrics(tmp_path: Path) -> None:
 def test_a_finished_search_keeps_the_checkpoints_of_its_best_trials(tmp_path: Path, keep: int, kept: list[str]) -> None:
     """Ended trials outside the best `keep` and diverged ones lose their checkpoint folders; errored ones keep theirs
     (a --resume retries them); the winner is always kept."""
-    from text_recognizer.search.checkpoints import keep_best_trials
+    from text_recognizer.search.outputs.checkpoints import keep_best_trials
 
     spec = spec_for(tmp_path)
     accuracy = {"t1": 0.9, "t2": 0.5, "t3": 0.7, "t4": 0.8}
@@ -175,7 +175,7 @@ def test_a_finished_search_keeps_the_checkpoints_of_its_best_trials(tmp_path: Pa
 
 
 def test_an_interrupted_search_deletes_no_checkpoint(tmp_path: Path) -> None:
-    from text_recognizer.search.checkpoints import keep_best_trials
+    from text_recognizer.search.outputs.checkpoints import keep_best_trials
 
     results = [
         trial_result(tmp_path, t, [{"training_iteration": 2, "val_acc": a}], {2: {"val_acc": a}})

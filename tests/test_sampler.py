@@ -10,7 +10,7 @@ from conftest import finish, results, summary_of, wait_for
 
 from text_recognizer.search.driver import search_alg
 from text_recognizer.search.spec import describe
-from text_recognizer.search.wandb_files import offline_runs
+from text_recognizer.search.tracking.wandb_files import offline_runs
 
 CONFIG = """
 metric: val_acc

@@ -83,7 +83,7 @@ def modules_after_import(module: str) -> set[str]:
     return set(result.stdout.split())
 
 
-@pytest.mark.parametrize("module", ["text_recognizer.facts", "text_recognizer.search.forkserver"])
+@pytest.mark.parametrize("module", ["text_recognizer.facts", "text_recognizer.search.trial.forkserver"])
 def test_leaf_modules_import_only_the_standard_library(module: str) -> None:
     baseline = modules_after_import("sys")  # what the interpreter loads by itself (site hooks, .pth files)
     loaded = modules_after_import(module) - baseline - set(sys.stdlib_module_names) - {"text_recognizer"}
@@ -91,5 +91,36 @@ def test_leaf_modules_import_only_the_standard_library(module: str) -> None:
 
 
 def test_a_fork_mode_tune_actor_never_loads_torch() -> None:
-    loaded = modules_after_import("text_recognizer.search.tune_actor")
+    loaded = modules_after_import("text_recognizer.search.trial.tune_actor")
     assert "ray" in loaded and not loaded & {"torch", "pytorch_lightning", "lightning_fabric", "torchmetrics"}
+
+
+SEARCH = "text_recognizer.search"
+
+
+def layout_breaches(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that cross the layout of search/ (docs/layout.md): what runs in Ray's workers (search/trial/) imports
+    nothing of the search outside trial/; only the entry points (cli.py) import the driver."""
+    breaches = []
+    for module, imported in graph.items():
+        for target in imported:
+            if module.startswith(f"{SEARCH}.trial") and target.startswith(SEARCH) and not target.startswith(f"{SEARCH}.trial"):
+                if target != SEARCH:  # the package itself, through `from text_recognizer.search.trial import x`
+                    breaches.append(f"{module} -> {target}")
+            if target == f"{SEARCH}.driver" and module != "text_recognizer.cli":
+                breaches.append(f"{module} -> {target}")
+    return sorted(breaches)
+
+
+def test_the_layout_check_finds_a_breach() -> None:
+    graph = {f"{SEARCH}.trial.tune_actor": {f"{SEARCH}.outputs.results"}, f"{SEARCH}.outputs.report": {f"{SEARCH}.driver"}}
+    assert layout_breaches(graph) == [
+        f"{SEARCH}.outputs.report -> {SEARCH}.driver",
+        f"{SEARCH}.trial.tune_actor -> {SEARCH}.outputs.results",
+    ]
+
+
+def test_the_search_keeps_its_layout() -> None:
+    graph = import_graph()
+    assert {f"{SEARCH}.trial.tune_actor", f"{SEARCH}.outputs.results", f"{SEARCH}.tracking.sweep"} <= set(graph)
+    assert layout_breaches(graph) == []

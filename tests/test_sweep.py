@@ -18,8 +18,8 @@ from conftest import runs_written_here
 
 from text_recognizer.search.config import CONFIGS_DIR, load_config
 from text_recognizer.search.spec import SearchSpec
-from text_recognizer.search.sweep import prior_run_ids, stop_sweep, sweep_config, wandb_sync_argv
-from text_recognizer.search.wandb_logging import WandbTrialCallback, init_run, run_settings
+from text_recognizer.search.tracking.sweep import prior_run_ids, stop_sweep, sweep_config, wandb_sync_argv
+from text_recognizer.search.tracking.wandb_logging import WandbTrialCallback, init_run, run_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

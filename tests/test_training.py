@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from text_recognizer.search.trial_process import train_trial
+from text_recognizer.search.trial.trial_process import train_trial
 from text_recognizer.training import default_wandb_mode, epoch_metrics, parse_args, train
 
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, SCRIPT, TRIAL_PROCESSES
 
 from text_recognizer import util
-from text_recognizer.search.wandb_logging import check_installed
+from text_recognizer.search.tracking.wandb_logging import check_installed
 from text_recognizer.util import UserError
 
 NO_WANDB = """import os, traceback

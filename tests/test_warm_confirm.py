@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import finish, summary_of
 
-from text_recognizer.search.wandb_files import offline_runs
+from text_recognizer.search.tracking.wandb_files import offline_runs
 
 # one epoch of 3 batches: the learning rate decides almost everything (higher learns more in so few steps)
 EARLIER = """

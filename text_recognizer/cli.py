@@ -58,7 +58,7 @@ def tune_mlp(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def report(folder: Path) -> dict[str, Any]:
     """`tune_mlp.py report FOLDER`: (re)write FOLDER/report/report.html and its PNGs; prints the page's path."""
-    from text_recognizer.search.report import write_report
+    from text_recognizer.search.outputs.report import write_report
 
     try:
         page = write_report(folder)
@@ -71,7 +71,7 @@ def report(folder: Path) -> dict[str, Any]:
 def sync(folder: Path) -> dict[str, Any]:
     """`tune_mlp.py sync FOLDER`: upload an offline search's W&B runs, then create its W&B sweep from them."""
     from text_recognizer.search.config import SearchConfig
-    from text_recognizer.search.sweep import sync as sync_search
+    from text_recognizer.search.tracking.sweep import sync as sync_search
 
     saved_file = folder / SEARCH_FILE
     if not saved_file.is_file() or not list(folder.glob("wandb/offline-run-*")):

@@ -1,7 +1,7 @@
 """Run flags and the one training function.
 
 `train()` builds data, model, LitModel and Trainer from run flags and fits: the single run
-(`fit_and_test`, below) and every search trial (search/trial_process.py) call it, and differ only in
+(`fit_and_test`, below) and every search trial (search/trial/trial_process.py) call it, and differ only in
 their callbacks, logger and checkpointing."""
 
 from __future__ import annotations

@@ -33,8 +33,7 @@ from text_recognizer.facts import (
     search_ended,
     with_precision,
 )
-from text_recognizer.search import confirm, storage, tune_actor
-from text_recognizer.search.checkpoints import CheckpointKeeper, keep_best_trials
+from text_recognizer.search import confirm, storage
 from text_recognizer.search.cluster import ray_cluster
 from text_recognizer.search.failfast import FIRST, FailFast
 from text_recognizer.search.grow import (
@@ -44,10 +43,10 @@ from text_recognizer.search.grow import (
     ResumableASHA,
     this_part,
 )
-from text_recognizer.search.preemption import Preemption
-from text_recognizer.search.progress import Progress
-from text_recognizer.search.report import write_report
-from text_recognizer.search.results import (
+from text_recognizer.search.outputs.checkpoints import CheckpointKeeper, keep_best_trials
+from text_recognizer.search.outputs.progress import Progress
+from text_recognizer.search.outputs.report import write_report
+from text_recognizer.search.outputs.results import (
     FINAL_METRICS,
     TrialClock,
     collect,
@@ -57,9 +56,11 @@ from text_recognizer.search.results import (
     unfinished,
     write_results,
 )
+from text_recognizer.search.preemption import Preemption
 from text_recognizer.search.spec import SearchSpec, describe
-from text_recognizer.search.sweep import create_sweep, sweep_config
-from text_recognizer.search.wandb_logging import WandbTrialCallback, check_installed, finish_search, kept_out
+from text_recognizer.search.tracking.sweep import create_sweep, sweep_config
+from text_recognizer.search.tracking.wandb_logging import WandbTrialCallback, check_installed, finish_search, kept_out
+from text_recognizer.search.trial import tune_actor
 from text_recognizer.training import DATA_CLASS
 
 # while a trial runs: its two best by the metric and (Tune always keeps it) its newest, for resuming. Not one: Tune
@@ -156,7 +157,7 @@ def evaluate(trials: list[dict[str, Any]], spec: SearchSpec, data: ray.ObjectRef
     The driver has imported torch and Lightning already (for the run flags) and has every CPU to itself once the
     trials are done: a fresh Ray worker spent seconds importing them again (3 of a smoke search's 17 s outside the
     fit). The checkpoint is read where Tune stored it (a folder, or a URI through a local copy)."""
-    from text_recognizer.search import trial_process  # imported already: the run flags need Lightning
+    from text_recognizer.search.trial import trial_process  # imported already: the run flags need Lightning
 
     filesystem, arrays, tested = tune_storage(spec).get("storage_filesystem"), ray.get(data), []
     for trial in trials:

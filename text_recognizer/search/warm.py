@@ -15,7 +15,7 @@ from typing import Any
 from ray.tune.search.optuna import OptunaSearch
 
 from text_recognizer.facts import SUMMARY_FILE, TRIAL_PREFIX, TrialStatus
-from text_recognizer.search.results import finite
+from text_recognizer.search.outputs.results import finite
 
 # what Tune told Optuna was complete (ASHA's stops included): its trials with their values
 FINISHED = frozenset({TrialStatus.COMPLETED, TrialStatus.STOPPED_EARLY})

@@ -20,9 +20,9 @@ from typing import Any
 from ray import tune
 
 from text_recognizer.facts import TrialStatus, trial_status, wandb_run_id
-from text_recognizer.search import sweep
-from text_recognizer.search.checkpoints import tracked_results
+from text_recognizer.search.outputs.checkpoints import tracked_results
 from text_recognizer.search.spec import SearchSpec
+from text_recognizer.search.tracking import sweep
 from text_recognizer.util import UserError
 
 # what a trial run's history holds, one row per epoch

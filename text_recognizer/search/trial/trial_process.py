@@ -155,7 +155,7 @@ def train_trial(
         args,
         arrays=arrays,
         callbacks=[ReportCallback(report, started, gpu_ids, arrays, where, restored_history(checkpoint))],
-        logger=False,  # the driver logs every trial (search/wandb_logging.py)
+        logger=False,  # the driver logs every trial (search/tracking/wandb_logging.py)
         ckpt_path=checkpoint,
         accelerator="gpu" if on_gpu else "cpu",
         devices=1,

@@ -21,17 +21,17 @@ from typing import Any
 import ray
 from ray import tune
 
-from text_recognizer.search import checkpoints, forkserver
+from text_recognizer.search.trial import forkserver, resume
 
 # what the fork server runs, by name, and imports once before it forks (torch, Lightning, the package)
-FORK_TARGET = "text_recognizer.search.trial_process:run_in_fork"
+FORK_TARGET = "text_recognizer.search.trial.trial_process:run_in_fork"
 
 
 @contextmanager
 def restored_checkpoint() -> Iterator[tuple[str | None, Callable[[dict[str, Any], str], None]]]:
     """The model file this trial resumes from (None: a fresh trial, or none of its checkpoints is readable), and
     the function that hands its epochs to Tune."""
-    with checkpoints.resumable(tune.get_checkpoint()) as (checkpoint, warning):
+    with resume.resumable(tune.get_checkpoint()) as (checkpoint, warning):
         yield checkpoint, reporter(warning)
 
 
@@ -54,7 +54,7 @@ def reporter(warning: str | None) -> Callable[[dict[str, Any], str], None]:
     """report(metrics, checkpoint folder): hand one epoch to Tune; blocks until Tune took it (when ASHA stops the
     trial, Tune ends this thread there). The epoch is Tune's training_iteration, also after a fall back to an older
     checkpoint than Tune's newest (Tune would count on from the newest); the first epoch carries the warning."""
-    notes = {checkpoints.WARNING_KEY: warning} if warning else {}
+    notes = {resume.WARNING_KEY: warning} if warning else {}
 
     def report(metrics: dict[str, Any], directory: str) -> None:
         try:
@@ -71,7 +71,7 @@ def train_in_actor(config: dict[str, Any], arrays: dict[str, Any] | None = None)
     """Tune function trainable: the trial trains in this actor."""
     started = time.time()
     # torch and Lightning: once per actor, which Tune reuses for the next trial
-    from text_recognizer.search import trial_process
+    from text_recognizer.search.trial import trial_process
 
     try:
         with restored_checkpoint() as (checkpoint, report):

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from ray import tune
 
 from text_recognizer.facts import trial_status
-from text_recognizer.search.results import short
+from text_recognizer.search.outputs.results import short
 
 EVERY = 10.0  # seconds between status lines: often enough to see it move, rarely enough to read
 

@@ -21,7 +21,7 @@ import optuna  # noqa: E402
 import optuna.visualization.matplotlib as vis  # noqa: E402
 
 from text_recognizer.facts import REPORT_PAGE, SUMMARY_FILE, TRIAL_PREFIX, TrialStatus  # noqa: E402
-from text_recognizer.search.results import describe_part, finite, plus_minus, ranked, short  # noqa: E402
+from text_recognizer.search.outputs.results import describe_part, finite, plus_minus, ranked, short  # noqa: E402
 from text_recognizer.util import UserError  # noqa: E402
 
 TOP = 10  # rows of the report's table

@@ -148,7 +148,7 @@ def connect(node_id: str, raylet_pid: int, preload: str) -> socket.socket:
         # it daemonizes (forks, and its parent exits at once): Ray kills a worker's children when the
         # worker exits, and the server must outlive the trial that started it
         subprocess.run(
-            [sys.executable, "-m", "text_recognizer.search.forkserver", str(path), str(raylet_pid), preload],
+            [sys.executable, "-m", "text_recognizer.search.trial.forkserver", str(path), str(raylet_pid), preload],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,

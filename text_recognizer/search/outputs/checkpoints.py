@@ -1,20 +1,17 @@
-"""Runs in the driver and in Tune's trial actors: which of a trial's checkpoints a search keeps, and which one a
-resumed trial starts from.
+"""Runs in the driver: which of a trial's checkpoints a search keeps, and Tune's record of them repaired on resume.
 
-- In the actor, `resumable`: a resumed trial starts from its newest readable checkpoint. Its newest one may be
-  unreadable (a file truncated by a full disk or a killed copy); it then falls back to the one before, or to
-  scratch, and says so in one line.
-- In the driver, at the start of a resumed search, `repair_tracked`: Tune's saved state of a trial may name checkpoints
-  that are gone from storage (the driver was killed after Tune deleted one but before the state that says so reached
-  the storage, which on S3 happens later). Tune would then refuse to restore the trial and end it in `error`. Instead
+- At the start of a resumed search, `repair_tracked`: Tune's saved state of a trial may name checkpoints that are
+  gone from storage (the driver was killed after Tune deleted one but before the state that says so reached the
+  storage, which on S3 happens later). Tune would then refuse to restore the trial and end it in `error`. Instead
   the trial resumes from its newest checkpoint that is on storage, or from scratch, and the search says so in one line.
-- In the driver, `CheckpointKeeper` (a Tune callback): once a trial has ended, only its best checkpoint is left,
-  weights only. Unfinished trials keep what Tune keeps for `--resume`; a trial that errored keeps both, as
-  `--resume` retries it from its newest.
+- `CheckpointKeeper` (a Tune callback): once a trial has ended, only its best checkpoint is left, weights only.
+  Unfinished trials keep what Tune keeps for `--resume`; a trial that errored keeps both, as `--resume` retries it
+  from its newest.
+- `keep_best_trials`: at the end of a finished search, the checkpoints of its best trials only.
 
-Checkpoints live in Tune's storage, a folder or a URI (s3://...): every file operation goes through the
-checkpoint's own pyarrow filesystem. Torch is imported only where a checkpoint is rewritten (in the driver), so a
-fork-mode actor, which checks checkpoints here, never loads it.
+The checkpoint a resumed trial starts from is chosen in its actor (trial/resume.py). Every file operation goes through
+the checkpoint's own pyarrow filesystem (a folder, or a URI such as s3://...); torch is imported only where a
+checkpoint is rewritten.
 """
 
 from __future__ import annotations
@@ -22,78 +19,17 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import posixpath
-import re
 import sys
-import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pyarrow.fs
 from ray import tune
 
 from text_recognizer.facts import CHECKPOINT_NAME, HISTORY_NAME, TRIAL_PREFIX, TrialStatus, search_ended
+from text_recognizer.search.trial.resume import FOLDER, WARNING_KEY, index, siblings
 
-FOLDER = re.compile(r"checkpoint_(\d+)$")  # Tune's name for a trial's checkpoint folders
 TRAINER_STATE = ("optimizer_states", "lr_schedulers", "callbacks")  # what Lightning leaves out of weights-only files
-WARNING_KEY = "checkpoint_warning"  # a result's note that the trial did not resume from its newest checkpoint
-
-
-def index(checkpoint: tune.Checkpoint) -> int:
-    match = FOLDER.search(checkpoint.path.rstrip("/"))
-    return int(match.group(1)) if match else -1
-
-
-def siblings(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:
-    """Every checkpoint folder of the trial that `checkpoint` belongs to, newest (highest index) first."""
-    fs, folder = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
-    found = [
-        tune.Checkpoint(info.path, filesystem=fs)
-        for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
-        if info.type == pyarrow.fs.FileType.Directory and FOLDER.search(info.base_name)
-    ]
-    return sorted(found, key=index, reverse=True)
-
-
-def unreadable(path: str) -> str | None:
-    """Why the checkpoint file at `path` can't be read, or None when it can. torch saves a zip archive: one whose
-    members all match their CRC-32 is whole; a truncated or overwritten file is not."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except FileNotFoundError:
-        return "missing"
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-        return f"{type(error).__name__}: {error}"
-    return f"{bad} fails its CRC check" if bad else None
-
-
-@contextmanager
-def resumable(newest: tune.Checkpoint | None) -> Iterator[tuple[str | None, str | None]]:
-    """The model file a trial resumes from (None: from scratch), and a one-line warning when that is not `newest`:
-    the newest readable checkpoint of the trial, no newer than the one Tune restores (`tune.get_checkpoint()`)."""
-    if newest is None:
-        yield None, None
-        return
-    skipped = []
-    for candidate in [c for c in siblings(newest) if index(c) <= index(newest)] or [newest]:
-        with candidate.as_directory() as directory:
-            path = os.path.join(directory, CHECKPOINT_NAME)  # a local folder
-            problem = unreadable(path)
-            if problem is None:
-                yield path, fallback_warning(skipped, posixpath.basename(candidate.path.rstrip("/")))
-                return
-        skipped.append(f"{posixpath.basename(candidate.path.rstrip('/'))}/{CHECKPOINT_NAME} ({problem})")
-    yield None, fallback_warning(skipped, None)
-
-
-def fallback_warning(skipped: list[str], used: str | None) -> str | None:
-    if not skipped:
-        return None
-    start = f"resumed from {used}" if used else "restarted from scratch"
-    return f"unreadable checkpoint {', '.join(skipped)}: {start}"
 
 
 def weights_only(checkpoint: tune.Checkpoint) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from text_recognizer.search.config import SearchConfig
-from text_recognizer.search.wandb_files import offline_runs
+from text_recognizer.search.tracking.wandb_files import offline_runs
 from text_recognizer.util import UserError
 
 # W&B's name for each search_alg: Optuna's TPE is a Bayesian optimisation, which W&B calls "bayes"

@@ -1,0 +1,76 @@
+"""Runs in Tune's trial actors: the checkpoint a resumed trial starts from. Its newest one may be unreadable (a file
+truncated by a full disk or a killed copy); it then falls back to the one before, or to scratch, and says so in one
+line. Checkpoints live in Tune's storage, a folder or a URI: every file operation goes through the checkpoint's own
+pyarrow filesystem. No torch here: a fork-mode actor checks checkpoints and never loads it."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pyarrow.fs
+from ray import tune
+
+from text_recognizer.facts import CHECKPOINT_NAME
+
+FOLDER = re.compile(r"checkpoint_(\d+)$")  # Tune's name for a trial's checkpoint folders
+WARNING_KEY = "checkpoint_warning"  # a result's note that the trial did not resume from its newest checkpoint
+
+
+def index(checkpoint: tune.Checkpoint) -> int:
+    match = FOLDER.search(checkpoint.path.rstrip("/"))
+    return int(match.group(1)) if match else -1
+
+
+def siblings(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:
+    """Every checkpoint folder of the trial that `checkpoint` belongs to, newest (highest index) first."""
+    fs, folder = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
+    found = [
+        tune.Checkpoint(info.path, filesystem=fs)
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
+        if info.type == pyarrow.fs.FileType.Directory and FOLDER.search(info.base_name)
+    ]
+    return sorted(found, key=index, reverse=True)
+
+
+def unreadable(path: str) -> str | None:
+    """Why the checkpoint file at `path` can't be read, or None when it can. torch saves a zip archive: one whose
+    members all match their CRC-32 is whole; a truncated or overwritten file is not."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except FileNotFoundError:
+        return "missing"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        return f"{type(error).__name__}: {error}"
+    return f"{bad} fails its CRC check" if bad else None
+
+
+@contextmanager
+def resumable(newest: tune.Checkpoint | None) -> Iterator[tuple[str | None, str | None]]:
+    """The model file a trial resumes from (None: from scratch), and a one-line warning when that is not `newest`:
+    the newest readable checkpoint of the trial, no newer than the one Tune restores (`tune.get_checkpoint()`)."""
+    if newest is None:
+        yield None, None
+        return
+    skipped = []
+    for candidate in [c for c in siblings(newest) if index(c) <= index(newest)] or [newest]:
+        with candidate.as_directory() as directory:
+            path = os.path.join(directory, CHECKPOINT_NAME)  # a local folder
+            problem = unreadable(path)
+            if problem is None:
+                yield path, fallback_warning(skipped, posixpath.basename(candidate.path.rstrip("/")))
+                return
+        skipped.append(f"{posixpath.basename(candidate.path.rstrip('/'))}/{CHECKPOINT_NAME} ({problem})")
+    yield None, fallback_warning(skipped, None)
+
+
+def fallback_warning(skipped: list[str], used: str | None) -> str | None:
+    if not skipped:
+        return None
+    start = f"resumed from {used}" if used else "restarted from scratch"
+    return f"unreadable checkpoint {', '.join(skipped)}: {start}"
