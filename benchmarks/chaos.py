@@ -124,7 +124,7 @@ def launch(chaos: Chaos, resume: bool) -> None:
         flags = ["--config", str(chaos.folder / "chaos.yaml"), "--num-samples", str(args.trials), "--wandb-mode", "offline"]
         flags += ["--trial-process", args.trial_process, f"--data_dir={chaos.data_dir}"]
     chaos.launches += 1
-    out = open(chaos.folder / f"driver-{chaos.launches}.log", "w")  # noqa: SIM115 - closed with the process
+    out = open(chaos.folder / f"driver-{chaos.launches}.log", "w")  # closed with the process
     command = [sys.executable, str(ROOT / "search" / "tune_mlp.py"), *common, *flags]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     chaos.driver = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, text=True)
@@ -391,7 +391,7 @@ def check_checkpoints(checks: Checks, search_dir: Path, summary: dict) -> None:
         state = torch.load(best["checkpoint"], weights_only=True)
         model, _ = load_model(Path(best["checkpoint"]))
         loads = sum(p.numel() for p in model.parameters()) > 0 and "optimizer_states" not in state
-    except Exception as error:  # noqa: BLE001 - reported as the invariant's failure
+    except Exception as error:  # reported as the invariant's failure
         print(f"  the winner's checkpoint does not load: {error}")
         loads = False
     checks.check(loads, f"the winner's checkpoint loads, weights only: {best['checkpoint']}")

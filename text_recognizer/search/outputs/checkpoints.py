@@ -208,7 +208,7 @@ def prune(trial: Any) -> None:
         return
     try:
         keep_only(best)
-    except Exception as error:  # noqa: BLE001 - pruning saves space; it never ends a search
+    except Exception as error:  # pruning saves space; it never ends a search
         print(f"warning: trial {trial.trial_id}: its checkpoints were not pruned ({error})", file=sys.stderr, flush=True)
 
 
