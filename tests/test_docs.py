@@ -10,7 +10,7 @@ from conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "device" / "README.md"]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-CODE = re.compile(r"`[^`]*`|```.*?```", re.S)
+CODE = re.compile(r"```.*?```|`[^`\n]*`", re.S)  # fenced blocks first, then inline code (one line)
 
 
 def anchor(heading: str) -> str:
@@ -51,3 +51,12 @@ def test_the_readme_is_a_front_page_that_links_every_doc() -> None:
     assert len(readme.splitlines()) <= 150
     linked = {(ROOT / target.partition("#")[0]).resolve() for target in LINK.findall(readme)}
     assert {page.resolve() for page in PAGES[1:]} - linked == set()
+
+
+def test_every_code_fence_is_closed() -> None:
+    """An unclosed ``` turns the rest of a page into code on GitHub (headings, links and all)."""
+    fences = {
+        str(page.relative_to(ROOT)): sum(line.lstrip().startswith("```") for line in page.read_text().splitlines())
+        for page in PAGES
+    }
+    assert {page: count for page, count in fences.items() if count % 2} == {}
