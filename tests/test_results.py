@@ -82,6 +82,31 @@ def test_a_kept_checkpoint_without_its_result_row_is_still_the_best(tmp_path: Pa
     assert rows_out[0]["status"] == "completed" and rows_out[0]["best_val_acc"] == 0.7  # from the rows it has
 
 
+def test_of_tied_checkpoints_the_best_is_the_one_tunes_checkpoint_manager_keeps(tmp_path: Path) -> None:
+    """Two epochs with the same val_acc: the best is the later, as Ray's own checkpoint manager ranks them, so
+    CheckpointKeeper (which keeps the manager's best) never prunes the checkpoint the winner's test then reads."""
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import CheckpointConfig
+
+    spec = spec_for(tmp_path)
+    values = {1: 0.70, 2: 0.81, 3: 0.81, 4: 0.75}
+    result = trial_result(
+        tmp_path,
+        "a",
+        [{"training_iteration": e, "val_acc": v} for e, v in values.items()],
+        {e: {"val_acc": v} for e, v in values.items()},
+    )
+    manager = _CheckpointManager(
+        CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_acc", checkpoint_score_order="max")
+    )
+    for checkpoint, metrics in result.best_checkpoints:
+        manager.register_checkpoint(_TrainingResult(checkpoint, metrics))
+    _, best = collect([result], spec, {})
+    assert best["epoch"] == 3 == manager.best_checkpoint_result.metrics["training_iteration"]
+    assert best["checkpoint"] == f"{manager.best_checkpoint_result.checkpoint.path}/model.ckpt"
+
+
 def test_the_best_follows_the_metric_and_its_mode(tmp_path: Path) -> None:
     spec = spec_for(tmp_path, "val_loss", "min")
     a = trial_result(tmp_path, "a", [{"training_iteration": 1, "val_loss": 0.9}], {1: {"val_loss": 0.9}})

@@ -49,6 +49,7 @@ from text_recognizer.search.outputs.report import write_report
 from text_recognizer.search.outputs.results import (
     FINAL_METRICS,
     TrialClock,
+    best_of,
     collect,
     finite,
     print_report,
@@ -254,9 +255,8 @@ def confirm_winner(
 def confirmed_trial(result: tune.Result, spec: SearchSpec, chosen: list[dict]) -> dict[str, Any]:
     """One confirm trial: the config it repeats, its seed, its best checkpoint by the metric with that epoch's metrics."""
     metric, trial_id = spec.config.metric, os.path.basename(result.path.rstrip("/")).removeprefix(TRIAL_PREFIX)
-    sign = 1 if spec.config.mode == "max" else -1
     kept = [(c, m) for c, m in result.best_checkpoints or [] if finite(m.get(metric)) is not None]
-    checkpoint, metrics = max(kept, key=lambda pair: sign * pair[1][metric]) if kept else (None, {})
+    checkpoint, metrics = best_of(kept, metric, spec.config.mode) if kept else (None, {})
     return {
         "trial_id": trial_id,
         "origin": confirm.origin(result.config, chosen),

@@ -116,16 +116,24 @@ def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float], 
     return row
 
 
+def best_of(kept: list[tuple[Any, dict[str, Any]]], metric: str, mode: str) -> tuple[Any, dict[str, Any]]:
+    """The best of a trial's (checkpoint, metrics) pairs as Tune's checkpoint manager ranks them: by the metric, and
+    of equal values the later epoch. The same as the one CheckpointKeeper keeps: a tie picked the other way named
+    a checkpoint pruned a moment before (seen: the winner's test found no model.ckpt)."""
+    sign = 1 if mode == "max" else -1
+    return max(kept, key=lambda pair: (sign * pair[1][metric], pair[1].get("training_iteration", 0)))
+
+
 def best_checkpoint(result: Result, row: dict[str, Any], spec: SearchSpec) -> dict[str, Any] | None:
     """The trial's best kept checkpoint by the metric, with the metrics Tune recorded with it (not re-read from
     the result rows: a killed trial process can leave a kept checkpoint without its row)."""
-    metric, better = spec.config.metric, (max if spec.config.mode == "max" else min)
+    metric = spec.config.metric
     kept = [
         (checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints or [] if finite(metrics.get(metric)) is not None
     ]
     if not kept or row["status"] in TrialStatus.FAILED:
         return None
-    checkpoint, metrics = better(kept, key=lambda pair: pair[1][metric])
+    checkpoint, metrics = best_of(kept, metric, spec.config.mode)
     return {
         "trial_id": row["trial_id"],
         "metric": metric,
