@@ -51,7 +51,14 @@ def test_the_stand_in_is_seen(tmp_path: Path) -> None:
 def test_search_modules_import_without_wandb(tmp_path: Path) -> None:
     """Every module a search imports, in the driver and in its workers, imports without trying W&B."""
     env, log = without_wandb(tmp_path)
-    modules = ["cli", "search.driver", "search.trial.tune_actor", "search.trial.trial_process", "search.trial.forkserver", "training"]
+    modules = [
+        "cli",
+        "search.driver",
+        "search.trial.tune_actor",
+        "search.trial.trial_process",
+        "search.trial.forkserver",
+        "training",
+    ]
     code = "import importlib\n" + "".join(f"importlib.import_module('text_recognizer.{m}')\n" for m in modules)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
