@@ -224,3 +224,31 @@ def test_diverging_trial_is_a_result_and_no_secret_is_written(tmp_path: Path, la
     written = [path for path in (tmp_path / "diverge").rglob("*") if path.is_file()]
     assert len(written) > 20
     assert not [path for path in written if key.encode() in path.read_bytes()]
+
+
+@pytest.mark.slow
+def test_a_resumed_search_writes_again_the_runs_a_killed_driver_left_without_their_end(tmp_path: Path, launch_search) -> None:
+    """A driver SIGKILLed right after a trial ended can leave that trial's offline run without its end, or with no
+    file at all (W&B's service dies with it; the chaos benchmark found a completed trial with no run). Tune's state
+    has the trial ended, so no callback sees it again: the resumed driver writes its run again from result.json."""
+    finish(launch_search(tmp_path, "s", None, "--smoke-test"), timeout=300)
+    folder, before = tmp_path / "s", summary_of(tmp_path / "s")
+    trials = [row for row in before["trials"] if row["epochs"]]
+    runs = {run.id: run for run in offline_runs(folder)}
+    gone, cut = (f"s-{row['trial_id']}" for row in trials[:2])
+    for path in folder.glob(f"wandb/offline-run-*-{gone}"):  # no run at all
+        subprocess.run(["rm", "-r", str(path)], check=True)
+    cut_file = runs[cut].path  # a run whose file stops before its end
+    cut_file.write_bytes(cut_file.read_bytes()[: cut_file.stat().st_size // 3])
+    process = launch_search(tmp_path, "s", None, "--resume")
+    finish(process, timeout=300)
+    after = {run.id: run for run in offline_runs(folder) if run.job_type == "trial"}
+    assert set(after) == {f"s-{row['trial_id']}" for row in before["trials"]}
+    for row in trials:
+        run = after[f"s-{row['trial_id']}"]
+        assert run.exit_code == 0 and [r["epoch"] for r in run.history] == list(range(1, row["epochs"] + 1))
+        assert run.summary["status"] == row["status"] and run.config["trial_id"] == row["trial_id"]
+    assert {path.name.rsplit("-", 1)[-1] for path in (folder / "wandb" / "superseded").glob("offline-run-*")} >= {
+        cut.rsplit("-", 1)[-1]
+    }
+    assert summary_of(folder)["best"]["trial_id"] == before["best"]["trial_id"]

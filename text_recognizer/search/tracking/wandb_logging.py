@@ -14,12 +14,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from text_recognizer.facts import TrialStatus, trial_status, wandb_run_id
+from text_recognizer.facts import TRIAL_PREFIX, TrialStatus, trial_status, wandb_run_id
 from text_recognizer.search.outputs.checkpoints import tracked_results
 from text_recognizer.search.spec import SearchSpec
 from text_recognizer.search.tracking import sweep
@@ -102,13 +103,15 @@ class WandbTrialCallback(tune.Callback):
         self.where: dict[str, dict[str, Any]] = {}
         self.deadline: float | None = None  # when the time budget runs out: runs still open then were stopped by it
 
-    def _run(self, trial: Any) -> Any:
+    def _run(self, trial: Any, earlier: list[dict[str, Any]] | None = None) -> Any:
+        """The trial's open run, started if it has none; `earlier`: the rows it starts with (default: a resumed
+        trial's epochs up to its checkpoint, offline)."""
         if trial.trial_id in self.runs:
             return self.runs[trial.trial_id][0]
         identifier = wandb_run_id(self.spec.name, trial.trial_id)
         # only a resumed driver finds a run of the trial from an earlier one (a glob of every run's folder per trial)
-        takes_over = self.spec.wandb_mode == "offline" and self.spec.resume
-        earlier = self._take_over_offline_run(identifier, trial) if takes_over else []
+        takes_over = self.spec.wandb_mode == "offline" and self.spec.resume and earlier is None
+        earlier = self._take_over_offline_run(identifier, trial) if takes_over else (earlier or [])
         run = init_run(
             self.sweep_id,
             project=self.spec.wandb_project,
@@ -204,6 +207,24 @@ class WandbTrialCallback(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, TrialStatus.ERROR)
 
+    def rewrite_unended_runs(self, rows: list[dict[str, Any]]) -> list[str]:
+        """Offline, after a resumed search's fit: a trial that ended under an earlier driver, whose run has no end
+        (that driver was SIGKILLed before W&B's service wrote it: the chaos benchmark found a completed trial with
+        no run), gets its run again from Tune's result.json, finished with its status; the old folder moves to
+        wandb/superseded/. Returns the ids of the trials rewritten."""
+        ended = {run_id for run_id, exit_code in offline_run_ends(self.spec.folder).items() if exit_code is not None}
+        rewritten = []
+        for row in rows:
+            identifier = wandb_run_id(self.spec.name, row["trial_id"])
+            if row["status"] not in TrialStatus.FINAL or row["status"] == TrialStatus.NOT_STARTED or identifier in ended:
+                continue
+            trial = EndedTrial(row["trial_id"], row["config"])
+            supersede_offline_runs(self.spec.folder, identifier)
+            self._run(trial, earlier=result_rows(self.spec.folder / trial.name / "result.json"))
+            self._finish(trial, row["status"])
+            rewritten.append(row["trial_id"])
+        return rewritten
+
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.finish_open_runs()
 
@@ -216,6 +237,47 @@ class WandbTrialCallback(tune.Callback):
         status = TrialStatus.STOPPED_BY_BUDGET if spent else TrialStatus.INTERRUPTED
         for _, trial in list(self.runs.values()):
             self._finish(trial, status)
+
+
+@dataclass(frozen=True)
+class EndedTrial:
+    """What a trial run needs of a Tune trial, for a trial that ended under an earlier driver."""
+
+    trial_id: str
+    config: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"{TRIAL_PREFIX}{self.trial_id}"
+
+    def __str__(self) -> str:  # as str() of a Tune trial: its name
+        return self.name
+
+
+def result_rows(path: Path) -> list[dict[str, Any]]:
+    """A trial's results from Tune's result.json, one per epoch (a line cut short by a killed driver skipped)."""
+    rows = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows[row["training_iteration"]] = row
+    return [rows[epoch] for epoch in sorted(rows)]
+
+
+def offline_run_ends(folder: Path) -> dict[str, int | None]:
+    """Each offline run of the search by id, with its exit code (None: the run has no end, or its file can't be read)."""
+    from text_recognizer.search.tracking.wandb_files import read_run
+
+    ends: dict[str, int | None] = {}
+    for path in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
+        identifier = path.parent.name.removeprefix("offline-run-").split("-", 1)[-1]  # offline-run-<time>-<id>
+        try:
+            ends[identifier] = read_run(path).exit_code
+        except Exception:  # a file the killed driver left cut short or empty: a run with no end
+            ends.setdefault(identifier, None)
+    return ends
 
 
 def supersede_offline_runs(folder: Path, identifier: str) -> None:
