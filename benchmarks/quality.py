@@ -3,6 +3,7 @@ under ASHA), or a precision (float32 against --precision auto: bf16-mixed where 
 
     python benchmarks/quality.py --compare precision  # the default config, float32 vs auto, 3 seeds each (make bench-quality)
     python benchmarks/quality.py --compare sampler    # random vs optuna, 3 seeds each
+    python benchmarks/quality.py --compare pruned     # Optuna told ASHA's stops as COMPLETE or as PRUNED
     python benchmarks/quality.py --seeds 0 --num-samples 12 --time-budget 2m   # a quick look
 
 Each search is the real `search/tune_mlp.py`, one process per search (its own local Ray cluster), on the same
@@ -35,10 +36,15 @@ from benchmarks.run import _trial_results, plain_loop_seconds_per_epoch  # noqa:
 from text_recognizer.data import FashionMNIST  # noqa: E402
 
 FASHION_CONFIG = ROOT / "experiments" / "fashion_mlp_asha.yaml"
-# what each comparison varies: arm -> (the config's search_alg, or None to keep the config's; extra run flags)
+# what each comparison varies: arm -> (config keys it sets, e.g. the search_alg; extra run flags)
 ARMS = {
-    "sampler": {"random": ("random", []), "optuna": ("optuna", [])},
-    "precision": {"32-true": (None, ["--precision=32-true"]), "auto": (None, ["--precision=auto"])},
+    "sampler": {"random": ({"search_alg": "random"}, []), "optuna": ({"search_alg": "optuna"}, [])},
+    "precision": {"32-true": ({}, ["--precision=32-true"]), "auto": ({}, ["--precision=auto"])},
+    # what Optuna's TPE is told of a trial ASHA stopped (search/pruned.py)
+    "pruned": {
+        "complete": ({"search_alg": "optuna", "asha_stops_as": "complete"}, []),
+        "pruned": ({"search_alg": "optuna", "asha_stops_as": "pruned"}, []),
+    },
 }
 FIGURES = ("best_val_acc", "test_acc", "wall_seconds", "total_epochs", "samples_started")
 TARGETS = (0.885, 0.900)
@@ -47,10 +53,10 @@ TARGETS = (0.885, 0.900)
 def search(config: Path, arm: str, seed: int, args: argparse.Namespace, storage: Path) -> dict[str, Any]:
     """One search through the real script; its figures and its best-so-far curve."""
     name = f"quality-{arm}-seed{seed}"
-    sampler, flags = ARMS[args.compare][arm]
+    keys, flags = ARMS[args.compare][arm]
     raw = yaml.safe_load(config.read_text())
     seeded = storage / f"{name}.yaml"
-    seeded.write_text(yaml.safe_dump({**raw, "seed": seed, **({"search_alg": sampler} if sampler else {})}))
+    seeded.write_text(yaml.safe_dump({**raw, "seed": seed, **keys}))
     command = [sys.executable, str(ROOT / "search" / "tune_mlp.py"), "--config", str(seeded), "--name", name, *flags]
     command += ["--storage-path", str(storage), "--wandb-mode", "disabled", "--quiet", f"--data_dir={args.data_dir}"]
     command += ["--num-samples", str(args.num_samples)] if args.num_samples else []
@@ -134,6 +140,7 @@ def plot(runs: list[dict[str, Any]], path: Path, targets: list[float], compare: 
     import matplotlib.pyplot as plt
 
     colors = {"random": "tab:blue", "optuna": "tab:orange", "32-true": "tab:blue", "auto": "tab:orange"}
+    colors |= {"complete": "tab:blue", "pruned": "tab:orange"}
     figure, axes = plt.subplots(figsize=(8, 5))
     for run in runs:
         if run["curve"]:
@@ -144,6 +151,7 @@ def plot(runs: list[dict[str, Any]], path: Path, targets: list[float], compare: 
         axes.axhline(target, color="grey", linestyle=":", label=f"target {target}")
     axes.set(xlabel="wall seconds since the first trial started", ylabel="best val_acc so far")
     titles = {"sampler": "Random vs Optuna (TPE) under ASHA", "precision": "float32 vs --precision auto"}
+    titles["pruned"] = "Optuna told ASHA's stops as COMPLETE vs PRUNED"
     axes.set_title(f"{titles[compare]}, same config and budget")
     lowest = min((v for run in runs for _, v in run["curve"][-1:]), default=min(targets)) - 0.02
     axes.set_ylim(bottom=max(0.0, min(lowest, min(targets) - 0.02)))

@@ -11,6 +11,7 @@ from conftest import finish, results, summary_of, wait_for
 from text_recognizer.search.driver import search_alg
 from text_recognizer.search.spec import describe
 from text_recognizer.search.tracking.wandb_files import offline_runs
+from text_recognizer.util import UserError
 
 CONFIG = """
 metric: val_acc
@@ -39,6 +40,38 @@ def test_the_config_seed_seeds_optuna(tmp_path: Path) -> None:
     assert first == again
     assert first != other
     assert len({round(s["lr"], 12) for s in first}) == len(first)  # sampled, not one value repeated
+
+
+@pytest.mark.parametrize("told", ["complete", "pruned"])
+def test_what_optuna_is_told_of_a_trial_asha_stopped(tmp_path: Path, told: str) -> None:
+    """`asha_stops_as`: a trial stopped at epoch 1 of 4 ends COMPLETE with its epoch-1 value (Ray's OptunaSearch),
+    or PRUNED at epoch 1 with that value as its intermediate one; a trial that ran max_t is COMPLETE either way."""
+    import optuna
+
+    config = tmp_path / "s.yaml"
+    config.write_text(CONFIG + f"asha_stops_as: {told}\n")
+    spec = describe(["--config", str(config), "--storage-path", str(tmp_path / "storage"), "--wandb-mode", "disabled"])
+    searcher = search_alg(spec).searcher
+    searcher.set_search_properties(spec.config.metric, spec.config.mode, spec.config.param_space())
+    for trial_id in ("stopped", "ran"):
+        searcher.suggest(trial_id)
+    searcher.on_trial_complete("stopped", {"val_acc": 0.5, "training_iteration": 1})  # ASHA's stop: no result before
+    for epoch in range(1, 5):
+        result = {"val_acc": 0.6 + epoch / 100, "training_iteration": epoch}
+        (searcher.on_trial_complete if epoch == 4 else searcher.on_trial_result)("ran", result)
+    stopped, ran = searcher._ot_study.trials
+    assert ran.state == optuna.trial.TrialState.COMPLETE and ran.value == pytest.approx(0.64)
+    if told == "pruned":
+        assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.intermediate_values == {1: 0.5}
+    else:
+        assert stopped.state == optuna.trial.TrialState.COMPLETE and stopped.value == 0.5
+
+
+def test_asha_stops_as_pruned_is_for_optuna_only(tmp_path: Path) -> None:
+    config = tmp_path / "s.yaml"
+    config.write_text(CONFIG.replace("search_alg: optuna", "search_alg: random") + "asha_stops_as: pruned\n")
+    with pytest.raises(UserError, match=r"asha_stops_as: pruned needs search_alg optuna \(random has no model to tell\)"):
+        describe(["--config", str(config), "--storage-path", str(tmp_path / "storage"), "--wandb-mode", "disabled"])
 
 
 @pytest.mark.slow

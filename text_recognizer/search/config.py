@@ -23,6 +23,9 @@ SAMPLERS = ("choice", "uniform", "loguniform", "randint", "grid")
 # how the next trial's values are picked: at random (Tune's BasicVariantGenerator), or by Optuna's TPE model of
 # the results so far (Tune's OptunaSearch); both run under the same ASHA scheduler
 SEARCH_ALGS = ("random", "optuna")
+# what Optuna's TPE is told of a trial ASHA stopped: COMPLETE with its last value (Ray's OptunaSearch), or PRUNED at
+# the epoch it reached, TPE's own handling of stopped trials (search/pruned.py; off until a benchmark says it is better)
+ASHA_STOPS_AS = ("complete", "pruned")
 NOT_MODELLED = {"optuna": ("grid",)}  # samplers a search_alg can't express: grid tries every value, a model picks one
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
 # Flags the search itself controls: a trial's epochs are ASHA's max_t, its device is the one Ray gave it.
@@ -52,6 +55,7 @@ class SearchConfig:
     num_samples: int = 10
     seed: int = 0  # seeds the search_alg's sampler (not the trials: each trial's --seed is a run flag)
     search_alg: str = SEARCH_ALGS[0]
+    asha_stops_as: str = ASHA_STOPS_AS[0]  # Optuna only
     time_budget: float | None = None  # seconds of search; None: until num_samples trials ended
     max_t: int = 10
     grace_period: int = 1
@@ -181,6 +185,10 @@ def _check_settings(config: SearchConfig, bad: Any) -> None:
         raise bad("space", "the search space is empty")
     if config.search_alg not in SEARCH_ALGS:
         raise bad("search_alg", f"unknown search_alg {config.search_alg!r} (known: {', '.join(SEARCH_ALGS)})")
+    if config.asha_stops_as not in ASHA_STOPS_AS:
+        raise bad("asha_stops_as", f"unknown value {config.asha_stops_as!r} (known: {', '.join(ASHA_STOPS_AS)})")
+    if config.asha_stops_as != ASHA_STOPS_AS[0] and config.search_alg != "optuna":
+        raise bad("asha_stops_as", f"{config.asha_stops_as} needs search_alg optuna ({config.search_alg} has no model to tell)")
 
 
 def check_search_alg(space: dict[str, dict[str, Any]], search_alg: str, bad: Any) -> None:

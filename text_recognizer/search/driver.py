@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 import warnings
@@ -347,11 +348,21 @@ def search_alg(spec: SearchSpec) -> SearchAlgorithm:
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial in the search's output
+    pruned = {"max_t": config.max_t} if config.asha_stops_as == "pruned" else None  # what TPE hears of ASHA's stops
     if spec.warm_start:  # the earlier search's finished trials start the study (warm.py)
         from text_recognizer.search.warm import WarmOptunaSearch, earlier_trials
 
-        warm = earlier_trials(spec.warm_start, config.metric)
-        searcher = WarmOptunaSearch(seed=config.seed, warm=warm, source=str(spec.warm_start))
+        warm = {"warm": earlier_trials(spec.warm_start, config.metric), "source": str(spec.warm_start)}
+        if pruned:
+            from text_recognizer.search.pruned import PrunedWarmOptunaSearch
+
+            searcher = PrunedWarmOptunaSearch(seed=config.seed, **warm, **pruned)
+        else:
+            searcher = WarmOptunaSearch(seed=config.seed, **warm)
+    elif pruned:
+        from text_recognizer.search.pruned import PrunedOptunaSearch
+
+        searcher = PrunedOptunaSearch(seed=config.seed, **pruned)
     else:
         searcher = OptunaSearch(seed=config.seed)  # TPE; metric and mode come from the TuneConfig
     limited = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent) if spec.max_concurrent else searcher
@@ -484,6 +495,10 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
     (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
     if spec.storage:  # the trials' logs (not their checkpoints) for the results and the report
         storage.download(spec.storage, spec.folder, storage.is_trial_file)
+    if spec.resume and spec.wandb_mode == "offline":  # ended trials whose run a killed driver left without its end
+        rewritten = wandb_callback.rewrite_unended_runs(collect(grid, spec, clock.ready, set(record["budget_stopped"]))[0])
+        if rewritten:
+            print(f"W&B: {len(rewritten)} runs a killed driver left unended written again from Tune's results", file=sys.stderr)
     return grid, clock, record
 
 
