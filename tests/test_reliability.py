@@ -226,12 +226,13 @@ def test_diverging_trial_is_a_result_and_no_secret_is_written(tmp_path: Path, la
     assert not [path for path in written if key.encode() in path.read_bytes()]
 
 
-@pytest.mark.slow
-def test_a_resumed_search_writes_again_the_runs_a_killed_driver_left_without_their_end(tmp_path: Path, launch_search) -> None:
+def test_a_resumed_search_writes_again_the_runs_a_killed_driver_left_without_their_end(
+    tmp_path: Path, launch_search, mode: str
+) -> None:
     """A driver SIGKILLed right after a trial ended can leave that trial's offline run without its end, or with no
     file at all (W&B's service dies with it; the chaos benchmark found a completed trial with no run). Tune's state
     has the trial ended, so no callback sees it again: the resumed driver writes its run again from result.json."""
-    finish(launch_search(tmp_path, "s", None, "--smoke-test"), timeout=300)
+    finish(launch_search(tmp_path, "s", None, "--smoke-test", "--trial-process", mode), timeout=300)
     folder, before = tmp_path / "s", summary_of(tmp_path / "s")
     trials = [row for row in before["trials"] if row["epochs"]]
     runs = {run.id: run for run in offline_runs(folder)}
