@@ -47,7 +47,7 @@ os.environ.pop("RAY_ADDRESS", None)
 
 import psutil  # noqa: E402
 
-from text_recognizer.facts import CHECKPOINT_NAME, FINAL_STATUSES  # noqa: E402
+from text_recognizer.facts import CHECKPOINT_NAME, TrialStatus  # noqa: E402
 
 NAME = "chaos"
 # the smoke space (text_recognizer/search/configs/smoke.yaml), random: many small trials of up to 3 epochs
@@ -338,7 +338,7 @@ def check_trials(checks: Checks, search_dir: Path, trials: int, baseline: list[d
     )
     checks.check(sorted(csv["trial_id"].astype(str)) == sorted(ids), f"trials.csv: {len(csv)} rows, the same ids")
     checks.check(
-        not summary["interrupted"] and set(statuses) <= set(FINAL_STATUSES) - {"error"},
+        not summary["interrupted"] and set(statuses) <= TrialStatus.FINAL - {TrialStatus.ERROR},
         f"final statuses {dict(statuses)} (none error, interrupted or pending)",
     )
     if baseline is not None:  # the same seed samples the same configs: each once, none lost, none sampled again
@@ -378,7 +378,7 @@ def check_checkpoints(checks: Checks, search_dir: Path, summary: dict) -> None:
     from text_recognizer.predict import load_model
 
     kept, best = summary["checkpoints_kept"] or [], summary["best"]
-    ended = [row for row in summary["trials"] if row["status"] in ("completed", "stopped_early")]
+    ended = [row for row in summary["trials"] if row["status"] in {TrialStatus.COMPLETED, TrialStatus.STOPPED_EARLY}]
     folders = {row["trial_id"]: sorted((search_dir / f"trial_{row['trial_id']}").glob("checkpoint_*")) for row in ended}
     extra = [t for t, found in folders.items() if t not in kept and found]
     bad = [t for t in kept if len(folders.get(t, [])) != 1]
