@@ -462,7 +462,8 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
     if spec.output == "progress":
         config = spec.config
         callbacks.append(Progress(config.metric, config.mode, config.max_t, list(config.space)))
-    callbacks.append(FailFast(min(FIRST, spec.config.num_samples)))  # last: a failed trial's run and line come first
+    failfast = FailFast(min(FIRST, spec.config.num_samples))
+    callbacks.append(failfast)  # last: a failed trial's run and line come first
     if spec.resume:
         where = tune_storage(spec)
         tuner = tune.Tuner.restore(
@@ -486,6 +487,7 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
             grid = tuner.fit()
     finally:  # also when FailFast stopped the search
         wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over
+    failfast.check()  # the first trials failed before any epoch: SearchCannotTrain, one line, exit 1
     keeper.prune_ended()  # the ended trials' checkpoints: Tune's final state, saved, no longer names them
     elapsed = time.time() - began
     record["wall_seconds"] += elapsed
@@ -500,6 +502,15 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
         if rewritten:
             print(f"W&B: {len(rewritten)} runs a killed driver left unended written again from Tune's results", file=sys.stderr)
     return grid, clock, record
+
+
+class TuneStopLines(logging.Filter):
+    """Drops tune.run's own lines about a stopped experiment."""
+
+    STARTS = ("Stop signal received", "Trials did not complete", "Experiment has been interrupted")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.STARTS)
 
 
 @contextmanager
@@ -523,10 +534,16 @@ def tune_environment(output: str) -> Iterator[None]:
     analysis = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = analysis.level
     analysis.setLevel(logging.ERROR)
+    # a stopped search (Ctrl-C, SIGTERM, FailFast) says itself what happened and how to resume: not Tune's lines
+    # ("Stop signal received ... Ctrl+C", "Resume experiment with: Tuner.restore(...)"), wrong for our commands
+    tune_log, interrupted = logging.getLogger("ray.tune.tune"), TuneStopLines()
+    if output != "tune":
+        tune_log.addFilter(interrupted)
     try:
         yield
     finally:
         analysis.setLevel(level)
+        tune_log.removeFilter(interrupted)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

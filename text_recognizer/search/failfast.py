@@ -14,6 +14,7 @@ trial gets one line here instead, naming its error.txt.
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,18 @@ def trial_cause(trial: Any) -> str:
 
 
 class FailFast(tune.Callback):
-    """One line per failed trial; stops the search when its first `first` trials failed before any epoch."""
+    """One line per failed trial; stops the search when its first `first` trials failed before any epoch.
+
+    It asks Tune to stop as Ctrl-C does (SIGUSR1, tune.run's own graceful stop, at the end of the step: Tune saves
+    the state and fit returns), and `check` raises SearchCannotTrain after the fit. Not by raising here: Tune wraps
+    an exception from a callback in a TuneError holding the whole traceback, which reached the user as one."""
 
     def __init__(self, first: int) -> None:
         self.first = max(1, first)
         self.trained = False
         self.failed: list[tuple[str, str]] = []  # (trial id, cause) of trials ended in error, in order
+        self.reason: str | None = None  # why the search stops, once it must
+        self.asked = False
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.trained = True
@@ -65,12 +72,22 @@ class FailFast(tune.Callback):
         why = trial_cause(trial)
         self.failed.append((trial.trial_id, why))
         print(f"trial {trial.trial_id} failed: {why} (traceback: {trial.error_file})", file=sys.stderr, flush=True)
-        if not self.trained and len(self.failed) >= self.first:
+        if not self.trained and len(self.failed) >= self.first and self.reason is None:
             trial_id, first_cause = self.failed[0]
-            raise SearchCannotTrain(
+            self.reason = (
                 f"the search stopped: its first {len(self.failed)} trials failed before any epoch; "
                 f"trial {trial_id}: {first_cause}"
             )
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.reason and not self.asked and callable(signal.getsignal(signal.SIGUSR1)):
+            self.asked = True
+            signal.raise_signal(signal.SIGUSR1)  # tune.run's handler: save the state and stop, as on Ctrl-C
+
+    def check(self) -> None:
+        """After the fit: SearchCannotTrain if this callback stopped the search."""
+        if self.reason:
+            raise SearchCannotTrain(self.reason)
 
 
 def check_some_trained(summary: dict[str, Any]) -> None:
