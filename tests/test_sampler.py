@@ -94,8 +94,10 @@ def test_optuna_search_killed_then_resumed(tmp_path: Path, launch_search) -> Non
     assert summary["num_trials"] == 6 and summary["statuses"] == {"completed": 6}, summary["statuses"]
     after = results(search_dir)
     assert set(before) <= set(after) and len(after) == 6
-    for trial_id, rows in before.items():  # what the first driver ran is kept, not sampled again
-        assert after[trial_id][0]["config"] == rows[0]["config"]
+    # what the first driver ran is kept, not sampled again (a trial started just before the kill has no row yet)
+    assert sum(bool(rows) for rows in before.values()) >= 2
+    for trial_id, rows in before.items():
+        assert not rows or after[trial_id][0]["config"] == rows[0]["config"]
     configs = [(rows[0]["config"]["fc1"], rows[0]["config"]["lr"]) for rows in after.values()]
     assert len(set(configs)) == 6
     states = sorted(search_dir.glob("searcher-state-*.pkl"))
