@@ -29,6 +29,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shlex
 import signal
 import subprocess
@@ -43,6 +44,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["RAY_AUTH_MODE"] = "token"  # before Ray is imported: the cluster and the searches use token auth
+TOKEN_FILE = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()  # where Ray looks for one
+if not os.environ.get("RAY_AUTH_TOKEN") and not TOKEN_FILE.is_file():
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # a fresh machine has no token: one for this run, its drivers too
 os.environ.pop("RAY_ADDRESS", None)
 
 import psutil  # noqa: E402
