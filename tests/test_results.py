@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from conftest import runs_written_here
 from ray.tune import Checkpoint, Result
 
@@ -197,6 +198,32 @@ def test_a_finished_search_keeps_the_checkpoints_of_its_best_trials(tmp_path: Pa
     assert keep_best_trials(results, rows, best["trial_id"], "val_acc", "max", keep) == kept
     left = sorted(p.parent.name.removeprefix("trial_") for p in (tmp_path / "s").glob("trial_*/checkpoint_*"))
     assert left == sorted([*kept, "t4"])
+
+
+def test_a_dropped_trial_loses_the_checkpoint_tune_never_saw(tmp_path: Path) -> None:
+    """The time budget can stop a trial after it wrote a checkpoint but before its result reached the driver (seen in
+    CI): Tune's Result names no checkpoint of it, yet the folder is on storage. A dropped trial loses it too; the kept
+    one keeps only its best."""
+    from text_recognizer.search.outputs.checkpoints import keep_best_trials
+
+    results = [
+        trial_result(tmp_path, t, [{"training_iteration": 2, "val_acc": a}], {2: {"val_acc": a}})
+        for t, a in [("a", 0.5), ("b", 0.6)]
+    ]
+    for result in results:  # each trial wrote checkpoint_000003 as the budget stopped it
+        (Path(result.path) / "checkpoint_000003").mkdir()
+        for model in (Path(result.path) / name / "model.ckpt" for name in ("checkpoint_000002", "checkpoint_000003")):
+            torch.save({"state_dict": {}, "optimizer_states": [{}]}, model)
+    results[0] = Result(
+        metrics=results[0].metrics, checkpoint=None, error=None, path=results[0].path,
+        metrics_dataframe=results[0].metrics_dataframe, best_checkpoints=[],
+    )  # fmt: skip
+    rows, _ = collect(results, spec_for(tmp_path), {})
+    for row in rows:
+        row["status"] = "stopped_by_budget"
+    assert keep_best_trials(results, rows, "b", "val_acc", "max", 1) == ["b"]
+    left = sorted(str(p.relative_to(tmp_path / "s")) for p in (tmp_path / "s").glob("trial_*/checkpoint_*"))
+    assert left == ["trial_b/checkpoint_000002"]
 
 
 def test_an_interrupted_search_deletes_no_checkpoint(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import pyarrow.fs
 from ray import tune
 
 from text_recognizer.facts import CHECKPOINT_NAME, HISTORY_NAME, TRIAL_PREFIX, TrialStatus, search_ended
-from text_recognizer.search.trial.resume import FOLDER, WARNING_KEY, index, siblings
+from text_recognizer.search.trial.resume import FOLDER, WARNING_KEY, checkpoint_folders, index, siblings
 
 TRAINER_STATE = ("optimizer_states", "lr_schedulers", "callbacks")  # what Lightning leaves out of weights-only files
 
@@ -239,8 +239,8 @@ def keep_best_trials(
     for result in results:
         trial_id = posixpath.basename(result.path.rstrip("/")).removeprefix(TRIAL_PREFIX)
         known = [c for c in (result.checkpoint, *(c for c, _ in result.best_checkpoints or [])) if c is not None]
-        if trial_id in drop and known:
-            for folder in siblings(known[0]):
+        if trial_id in drop:  # what is on storage: a budget's stop can come after a checkpoint Tune never saw
+            for folder in checkpoint_folders(result.filesystem, result.path.rstrip("/")):
                 folder.filesystem.delete_dir(folder.path)
         # nor did a driver killed between a trial's end and the next save of the search's state
         elif trial_id in kept and result.best_checkpoints and (trial_id in unpruned or len(siblings(known[0])) > 1):

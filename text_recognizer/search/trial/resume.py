@@ -28,10 +28,14 @@ def index(checkpoint: tune.Checkpoint) -> int:
 
 def siblings(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:
     """Every checkpoint folder of the trial that `checkpoint` belongs to, newest (highest index) first."""
-    fs, folder = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
+    return checkpoint_folders(checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/")))
+
+
+def checkpoint_folders(fs: pyarrow.fs.FileSystem, folder: str) -> list[tune.Checkpoint]:
+    """The checkpoint folders in a trial's folder as they are on storage, newest (highest index) first."""
     found = [
         tune.Checkpoint(info.path, filesystem=fs)
-        for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
         if info.type == pyarrow.fs.FileType.Directory and FOLDER.search(info.base_name)
     ]
     return sorted(found, key=index, reverse=True)
