@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 from conftest import ROOT, SCRIPT
+from ray.train._internal.storage import StorageContext
+from ray.tune.experiment import Trial
 
 from text_recognizer.search.config import SMOKE_CONFIG
-from text_recognizer.search.failfast import EXIT_STATUS, SearchCannotTrain, cause, check_some_trained
+from text_recognizer.search.failfast import EXIT_STATUS, FIRST, FailFast, SearchCannotTrain, cause, check_some_trained
 
 RAY_TASK_ERROR = """Failure # 1 (occurred at 2026-12-01_23-34-22)
 \x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=25206, ip=192.0.2.2, actor_id=4ee8, repr=train_in_actor)
@@ -45,6 +48,35 @@ def test_a_search_whose_every_trial_failed_is_no_result(tmp_path: Path) -> None:
     check_some_trained(one_trained)
     check_some_trained({**failed, "interrupted": True})  # --resume may still train them: 130, not 1
     check_some_trained({"interrupted": False, "trials": []})
+
+
+def stub_trial(tmp_path: Path, trial_id: str, epochs: int) -> Trial:
+    """A Tune trial of a search in `tmp_path` that has trained `epochs` epochs (its last result)."""
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="s", trial_dir_name=f"trial_{trial_id}")
+    trial = Trial("__fake", stub=True, trial_id=trial_id, storage=storage)
+    trial.run_metadata.last_result = {"training_iteration": epochs} if epochs else {}
+    return trial
+
+
+@pytest.mark.parametrize("trained_before", [False, True])
+def test_the_first_trials_failing_stop_a_search_but_not_one_resumed_after_epochs(tmp_path: Path, trained_before: bool) -> None:
+    """Two trials failing before any epoch stop a new search; in a resumed search whose trials trained before (a
+    driver resumed into a storage outage, seen in the chaos benchmark) they are just two failed trials."""
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # a trial's folder needs it
+    try:
+        trials = [stub_trial(tmp_path, "t0", 3 if trained_before else 0)]
+        trials += [stub_trial(tmp_path, f"t{i}", 0) for i in (1, 2)]
+        callback = FailFast(FIRST)
+        callback.on_step_begin(0, trials)
+        for trial in trials[1:]:
+            callback.on_trial_error(1, trials, trial)
+    finally:
+        ray.shutdown()
+    if trained_before:
+        callback.check()
+    else:
+        with pytest.raises(SearchCannotTrain, match=r"^the search stopped: its first 2 trials failed before any epoch"):
+            callback.check()
 
 
 @pytest.mark.slow

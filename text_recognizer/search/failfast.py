@@ -65,6 +65,12 @@ class FailFast(tune.Callback):
         self.reason: str | None = None  # why the search stops, once it must
         self.asked = False
 
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """A resumed search whose trials trained before is past its first trials: later errors don't stop it (seen
+        in the chaos benchmark: a driver resumed into storage made read-only stopped the search with exit 1)."""
+        if not self.trained:
+            self.trained = any(trial.run_metadata.last_result.get("training_iteration") for trial in trials)
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.trained = True
 
