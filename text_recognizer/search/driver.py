@@ -497,10 +497,11 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
     (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
     if spec.storage:  # the trials' logs (not their checkpoints) for the results and the report
         storage.download(spec.storage, spec.folder, storage.is_trial_file)
-    if spec.resume and spec.wandb_mode == "offline":  # ended trials whose run a killed driver left without its end
-        rewritten = wandb_callback.rewrite_unended_runs(collect(grid, spec, clock.ready, set(record["budget_stopped"]))[0])
+    # ended trials whose run missed a write here, or that a killed driver left without its end
+    if spec.wandb_mode == "offline" and (spec.resume or wandb_callback.damaged):
+        rewritten = wandb_callback.rewrite_runs(collect(grid, spec, clock.ready, set(record["budget_stopped"]))[0])
         if rewritten:
-            print(f"W&B: {len(rewritten)} runs a killed driver left unended written again from Tune's results", file=sys.stderr)
+            print(f"W&B: {len(rewritten)} trial runs written again from Tune's results", file=sys.stderr)
     return grid, clock, record
 
 

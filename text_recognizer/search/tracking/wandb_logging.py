@@ -102,6 +102,7 @@ class WandbTrialCallback(tune.Callback):
         self.best: dict[str, float] = {}
         self.where: dict[str, dict[str, Any]] = {}
         self.deadline: float | None = None  # when the time budget runs out: runs still open then were stopped by it
+        self.damaged: set[str] = set()  # trials whose run missed a write (see _mirroring): rewritten after the fit
 
     def _run(self, trial: Any, earlier: list[dict[str, Any]] | None = None) -> Any:
         """The trial's open run, started if it has none; `earlier`: the rows it starts with (default: a resumed
@@ -166,10 +167,31 @@ class WandbTrialCallback(tune.Callback):
             better = max if self.spec.config.mode == "max" else min
             self.best[trial.trial_id] = better(value, self.best.get(trial.trial_id, value))
 
+    @contextmanager
+    def _mirroring(self, trial_id: str, what: str) -> Iterator[None]:
+        """W&B mirrors the search and never stops it: a failed write (storage gone read-only for a moment, seen in
+        the chaos benchmark, where it ended the driver with a traceback; a W&B error) is one warning line. A trial
+        without its run gets one at its next result; offline, a damaged run is written again from Tune's results
+        once the fit returns (rewrite_runs)."""
+        try:
+            yield
+        except Exception as error:  # whatever W&B or the disk raised: the search goes on
+            self.damaged.add(trial_id)
+            print(
+                f"warning: trial {trial_id}: its W&B run missed {what} ({type(error).__name__}: {error})",
+                file=sys.stderr,
+                flush=True,
+            )
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._run(trial)
+        with self._mirroring(trial.trial_id, "its start"):
+            self._run(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        with self._mirroring(trial.trial_id, f"epoch {result.get('training_iteration')}"):
+            self._log_result(trial, result)
+
+    def _log_result(self, trial: Any, result: dict[str, Any]) -> None:
         run = self._run(trial)
         # a trial's first report after a restore carries its checkpoint's epochs: those Tune never delivered (the
         # trial's worker died after keeping the checkpoint, before the result) are logged now, the others skipped
@@ -202,27 +224,34 @@ class WandbTrialCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # the same outcome as summary.json's
-        self._finish(trial, trial_status({**(trial.last_result or {}), "done": True}, self.spec.config.max_t))
+        with self._mirroring(trial.trial_id, "its end"):
+            self._finish(trial, trial_status({**(trial.last_result or {}), "done": True}, self.spec.config.max_t))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, TrialStatus.ERROR)
+        with self._mirroring(trial.trial_id, "its end"):
+            self._finish(trial, TrialStatus.ERROR)
 
-    def rewrite_unended_runs(self, rows: list[dict[str, Any]]) -> list[str]:
-        """Offline, after a resumed search's fit: a trial that ended under an earlier driver, whose run has no end
-        (that driver was SIGKILLed before W&B's service wrote it: the chaos benchmark found a completed trial with
-        no run), gets its run again from Tune's result.json, finished with its status; the old folder moves to
-        wandb/superseded/. Returns the ids of the trials rewritten."""
+    def rewrite_runs(self, rows: list[dict[str, Any]]) -> list[str]:
+        """Offline, after the fit: an ended trial whose run missed a write in this driver (`damaged`), or that
+        ended under an earlier driver and whose run has no end (that driver was SIGKILLed before W&B's service
+        wrote it: the chaos benchmark found a completed trial with no run), gets its run again from Tune's
+        result.json, finished with its status; the old folder moves to wandb/superseded/. Returns the ids of the
+        trials rewritten."""
         ended = {run_id for run_id, exit_code in offline_run_ends(self.spec.folder).items() if exit_code is not None}
         rewritten = []
         for row in rows:
             identifier = wandb_run_id(self.spec.name, row["trial_id"])
-            if row["status"] not in TrialStatus.FINAL or row["status"] == TrialStatus.NOT_STARTED or identifier in ended:
+            if row["status"] not in TrialStatus.FINAL or row["status"] == TrialStatus.NOT_STARTED:
+                continue
+            if identifier in ended and row["trial_id"] not in self.damaged:
                 continue
             trial = EndedTrial(row["trial_id"], row["config"])
-            supersede_offline_runs(self.spec.folder, identifier)
-            self._run(trial, earlier=result_rows(self.spec.folder / trial.name / "result.json"))
-            self._finish(trial, row["status"])
-            rewritten.append(row["trial_id"])
+            self.damaged.discard(trial.trial_id)
+            with self._mirroring(trial.trial_id, "its rewrite"):
+                supersede_offline_runs(self.spec.folder, identifier)
+                self._run(trial, earlier=result_rows(self.spec.folder / trial.name / "result.json"))
+                self._finish(trial, row["status"])
+                rewritten.append(row["trial_id"])
         return rewritten
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -236,7 +265,8 @@ class WandbTrialCallback(tune.Callback):
         spent = self.deadline is not None and time.time() >= self.deadline
         status = TrialStatus.STOPPED_BY_BUDGET if spent else TrialStatus.INTERRUPTED
         for _, trial in list(self.runs.values()):
-            self._finish(trial, status)
+            with self._mirroring(trial.trial_id, "its end"):
+                self._finish(trial, status)
 
 
 @dataclass(frozen=True)
