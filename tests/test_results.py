@@ -208,19 +208,17 @@ def test_a_dropped_trial_loses_the_checkpoint_tune_never_saw(tmp_path: Path) -> 
 
     results = [
         trial_result(tmp_path, t, [{"training_iteration": 2, "val_acc": a}], {2: {"val_acc": a}})
-        for t, a in [("a", 0.5), ("b", 0.6)]
+        for t, a in [("a", 0.5), ("b", 0.6), ("c", 0.0)]
     ]
     for result in results:  # each trial wrote checkpoint_000003 as the budget stopped it
         (Path(result.path) / "checkpoint_000003").mkdir()
         for model in (Path(result.path) / name / "model.ckpt" for name in ("checkpoint_000002", "checkpoint_000003")):
             torch.save({"state_dict": {}, "optimizer_states": [{}]}, model)
-    results[0] = Result(
-        metrics=results[0].metrics, checkpoint=None, error=None, path=results[0].path,
-        metrics_dataframe=results[0].metrics_dataframe, best_checkpoints=[],
-    )  # fmt: skip
+    for i in (0, 2):  # a: its newest checkpoint unseen by Tune; c: its first, its result never delivered
+        results[i] = replace(results[i], checkpoint=None, best_checkpoints=[])
     rows, _ = collect(results, spec_for(tmp_path), {})
-    for row in rows:
-        row["status"] = "stopped_by_budget"
+    for row, status in zip(rows, ["stopped_by_budget", "stopped_by_budget", "not_started"], strict=True):
+        row["status"] = status
     assert keep_best_trials(results, rows, "b", "val_acc", "max", 1) == ["b"]
     left = sorted(str(p.relative_to(tmp_path / "s")) for p in (tmp_path / "s").glob("trial_*/checkpoint_*"))
     assert left == ["trial_b/checkpoint_000002"]

@@ -232,7 +232,9 @@ def keep_best_trials(
         (r for r in rows if r["status"] in TrialStatus.RANKED and r.get(key) is not None), key=lambda r: sign * r[key]
     )
     kept = list(dict.fromkeys([*([winner] if winner else []), *(row["trial_id"] for row in ranked)]))[:keep]
-    drop = {row["trial_id"] for row in rows if row["status"] in TrialStatus.RANKED | {TrialStatus.DIVERGED}} - set(kept)
+    # not_started: a trial can write its first checkpoint as the budget ends, its result never delivered
+    gone = TrialStatus.RANKED | {TrialStatus.DIVERGED, TrialStatus.NOT_STARTED}
+    drop = {row["trial_id"] for row in rows if row["status"] in gone} - set(kept)
     better = max if mode == "max" else min
     # trials the time budget stopped never ended in Tune's sense: CheckpointKeeper did not prune them
     unpruned = {row["trial_id"] for row in rows if row["status"] == TrialStatus.STOPPED_BY_BUDGET} & set(kept)
