@@ -119,3 +119,28 @@ def test_the_part_budget_stops_at_its_deadline(local_ray: None, tmp_path: Path) 
         grid = tune.Tuner(report_epochs, param_space=space, tune_config=tune_config, run_config=run_config).fit()
     ran = sum(r.metrics.get("training_iteration", 0) for r in grid if r.metrics)
     assert 0 < ran < 500 and 20 <= time.time() - began < 60, ran
+
+
+@pytest.mark.parametrize("sampler", ["random", "optuna"])
+def test_a_search_its_budget_ended_grows_by_time_alone(local_ray: None, tmp_path: Path, sampler: str) -> None:
+    """`--resume --time-budget 5m` on a search whose budget ran out with samples left: Tune marked its sampler
+    finished when the budget's stopper ended the experiment; the new part's time reopens it, and draws more of the
+    same sample count. A part whose own budget is spent does not (seen: a grown part ran 1 s and exited 130)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = {"x": tune.uniform(0, 1), "epochs": 1}
+    algorithm = GrowingVariantGenerator(random_state=3) if sampler == "random" else GrowingSearchGenerator(OptunaSearch(seed=3))
+    tune_config = tune.TuneConfig(metric="score", mode="max", num_samples=500, search_alg=algorithm)
+    run_config = tune.RunConfig(name="spent", storage_path=str(tmp_path), verbose=0, stop=PartBudget())
+    with this_part(500, time.time() + 8):
+        first = len(tune.Tuner(report_epochs, param_space=space, tune_config=tune_config, run_config=run_config).fit())
+    assert 0 < first < 500
+
+    def resumed(seconds: float) -> int:
+        tuner = tune.Tuner.restore(str(tmp_path / "spent"), report_epochs, resume_unfinished=True)
+        with this_part(500, time.time() + seconds):
+            return len(tuner.fit())
+
+    assert resumed(-1) == first  # its own budget spent: nothing more
+    grown = resumed(8)
+    assert first < grown < 500, (first, grown)

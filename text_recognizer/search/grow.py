@@ -53,34 +53,41 @@ def this_part(num_samples: int, deadline: float | None) -> Iterator[None]:
         Part.num_samples, Part.deadline = None, None
 
 
-def raise_samples(generator: BasicVariantGenerator, num_samples: int) -> int:
+def has_time() -> bool:
+    """Whether this part may start trials: it has no deadline, or its deadline is still ahead. Tune marks a search
+    algorithm finished when a stopper ends the experiment (a spent time budget), samples left or not; a part with
+    time reopens it, and one whose budget is spent leaves it finished."""
+    return Part.deadline is None or time.time() < Part.deadline
+
+
+def raise_samples(generator: BasicVariantGenerator, num_samples: int, reopen: bool = True) -> int:
     """Private reach: let a restored random sampler draw up to `num_samples` samples, continuing its seeded stream
-    (the same numpy generator, pickled with its state). Returns the samples added."""
+    (the same numpy generator, pickled with its state); `reopen`: draw the samples left even if a spent budget marked
+    it finished (a search grown by --time-budget alone). Returns the samples added."""
     iterators = getattr(generator, "_iterators", None)
     if not iterators or not all(hasattr(iterators[-1], key) for key in ("num_samples", "num_samples_left")):
         raise RuntimeError("this Ray release keeps BasicVariantGenerator's sample count elsewhere: update raise_samples")
     last = iterators[-1]
-    extra = num_samples - last.num_samples
-    if extra <= 0:
-        return 0
+    extra = max(0, num_samples - last.num_samples)
     per_sample = max(1, generator._total_samples // max(1, last.num_samples))  # a grid's variants per sample
     last.num_samples += extra
     last.num_samples_left += extra
     generator._total_samples += extra * per_sample
-    generator._finished = False  # a search that ended (or whose budget ran out) was marked finished
+    if extra or (reopen and last.num_samples_left > 0):
+        generator._finished = False  # it draws what is left, and marks itself finished once it runs out
     return extra
 
 
-def raise_searcher_samples(generator: SearchGenerator, num_samples: int) -> int:
+def raise_searcher_samples(generator: SearchGenerator, num_samples: int, reopen: bool = True) -> int:
     """Private reach: let a restored model-based search (Optuna's) ask for up to `num_samples` trials; its searcher
-    (the study, all earlier trials in it) is as Tune restored it. Returns the samples added."""
+    (the study, all earlier trials in it) is as Tune restored it; `reopen` as for raise_samples. Returns the
+    samples added."""
     state = generator.get_state()
     if not {"total_samples", "finished"} <= set(state):
         raise RuntimeError("this Ray release keeps SearchGenerator's sample count elsewhere: update raise_searcher_samples")
-    extra = num_samples - state["total_samples"]
-    if extra <= 0:
-        return 0
-    generator.set_state({**state, "total_samples": num_samples, "finished": False})
+    extra = max(0, num_samples - state["total_samples"])
+    finished = state["finished"] and not (extra or (reopen and state["counter"] < state["total_samples"]))
+    generator.set_state({**state, "total_samples": state["total_samples"] + extra, "finished": finished})
     return extra
 
 
@@ -90,7 +97,7 @@ class GrowingVariantGenerator(BasicVariantGenerator):
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
         if Part.num_samples:
-            raise_samples(self, Part.num_samples)
+            raise_samples(self, Part.num_samples, reopen=has_time())
 
 
 class GrowingSearchGenerator(SearchGenerator):
@@ -99,7 +106,7 @@ class GrowingSearchGenerator(SearchGenerator):
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
         if Part.num_samples:
-            raise_searcher_samples(self, Part.num_samples)
+            raise_searcher_samples(self, Part.num_samples, reopen=has_time())
 
 
 class PartBudget(Stopper):
