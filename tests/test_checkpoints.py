@@ -166,6 +166,24 @@ def test_a_trial_with_none_of_its_checkpoints_left_restarts_from_scratch(tmp_pat
     assert tracked_names(trial) == ([], None) and trial.checkpoint is None  # Tune restores nothing: a fresh start
 
 
+@pytest.mark.parametrize("ended", [False, True])
+def test_the_keeper_warns_only_for_a_trial_tune_restores(tmp_path: Path, capsys, ended: bool) -> None:
+    """A grown search's first step: an ended trial whose checkpoints the finished part deleted on purpose (not one
+    of its best) is repaired without a word; one that will be restored says where it restarts (seen: two
+    "restarted from scratch" lines for trials ASHA had stopped, in a search grown by --time-budget)."""
+    from text_recognizer.search.outputs.checkpoints import CheckpointKeeper
+
+    trial = tracked_trial(tmp_path, registered=3)
+    trial.set_status(trial.TERMINATED if ended else trial.PENDING)
+    for folder in Path(trial.storage.trial_fs_path).glob("checkpoint_*"):
+        shutil.rmtree(folder)
+    CheckpointKeeper().on_step_begin(0, [trial])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: trial t:")]
+    assert tracked_names(trial) == ([], None)  # repaired either way
+    restarted = "checkpoint_000002, which Tune's state names, is gone from storage: restarted from scratch"
+    assert lines == ([] if ended else [f"warning: trial t: {restarted}"])
+
+
 def test_a_folder_without_its_history_or_model_is_not_resumed_from(tmp_path: Path) -> None:
     """A folder the killed actor left half-written (no history, or no model file) is passed over for an older one."""
     trial = tracked_trial(tmp_path, registered=3)

@@ -178,7 +178,8 @@ class CheckpointKeeper(tune.Callback):
         self.repaired = True
         for trial in trials:
             warning = repair_tracked(trial)
-            if warning:
+            # an ended trial is never restored: a finished part deleted its checkpoints on purpose (keep_best_trials)
+            if warning and trial.status != trial.TERMINATED:
                 print(f"warning: trial {trial.trial_id}: {warning}", file=sys.stderr, flush=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
