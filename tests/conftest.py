@@ -55,6 +55,16 @@ def write_tiny_mnist(data_dir: Path, folder: str = "MNIST", n_train: int = 120, 
     return raw
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 1 CPU for a test module's Tune calls; never another process's cluster (address "local")."""
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def tiny_data_dir(tmp_path: Path) -> Path:
     """A data dir holding tiny MNIST and FashionMNIST raw files (120 train / 40 test images)."""

@@ -10,19 +10,11 @@ import weakref
 from pathlib import Path
 
 import numpy as np
-import pytest
 import ray
 from ray import tune
 
 from text_recognizer.search.driver import put_data, replace_callbacks
 from text_recognizer.search.outputs.progress import Progress
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # never a cluster running here
-    yield
-    ray.shutdown()
 
 
 def test_the_driver_drops_its_arrays_once_they_are_in_the_object_store(local_ray: None) -> None:

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 from conftest import ROOT, SCRIPT
 from ray.train._internal.storage import StorageContext
 from ray.tune.experiment import Trial
@@ -59,19 +58,17 @@ def stub_trial(tmp_path: Path, trial_id: str, epochs: int) -> Trial:
 
 
 @pytest.mark.parametrize("trained_before", [False, True])
-def test_the_first_trials_failing_stop_a_search_but_not_one_resumed_after_epochs(tmp_path: Path, trained_before: bool) -> None:
+def test_the_first_trials_failing_stop_a_search_but_not_one_resumed_after_epochs(
+    local_ray: None, tmp_path: Path, trained_before: bool
+) -> None:
     """Two trials failing before any epoch stop a new search; in a resumed search whose trials trained before (a
     driver resumed into a storage outage, seen in the chaos benchmark) they are just two failed trials."""
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # a trial's folder needs it
-    try:
-        trials = [stub_trial(tmp_path, "t0", 3 if trained_before else 0)]
-        trials += [stub_trial(tmp_path, f"t{i}", 0) for i in (1, 2)]
-        callback = FailFast(FIRST)
-        callback.on_step_begin(0, trials)
-        for trial in trials[1:]:
-            callback.on_trial_error(1, trials, trial)
-    finally:
-        ray.shutdown()
+    trials = [stub_trial(tmp_path, "t0", 3 if trained_before else 0)]  # a trial's folder needs Ray (local_ray)
+    trials += [stub_trial(tmp_path, f"t{i}", 0) for i in (1, 2)]
+    callback = FailFast(FIRST)
+    callback.on_step_begin(0, trials)
+    for trial in trials[1:]:
+        callback.on_trial_error(1, trials, trial)
     if trained_before:
         callback.check()
     else:

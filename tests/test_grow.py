@@ -22,13 +22,6 @@ from text_recognizer.search.grow import (
 )
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def report_epochs(config: dict) -> None:
     for epoch in range(1, config["epochs"] + 1):
         tune.report({"score": config["x"] + epoch})
