@@ -237,13 +237,15 @@ class WandbTrialCallback(tune.Callback):
         wrote it: the chaos benchmark found a completed trial with no run), gets its run again from Tune's
         result.json, finished with its status; the old folder moves to wandb/superseded/. Returns the ids of the
         trials rewritten."""
-        ended = {run_id for run_id, exit_code in offline_run_ends(self.spec.folder).items() if exit_code is not None}
+        # only a resumed driver can meet runs an earlier one left unended: only then read every run's file
+        ends = offline_run_ends(self.spec.folder) if self.spec.resume else {}
+        ended = {run_id for run_id, exit_code in ends.items() if exit_code is not None}
         rewritten = []
         for row in rows:
             identifier = wandb_run_id(self.spec.name, row["trial_id"])
             if row["status"] not in TrialStatus.FINAL or row["status"] == TrialStatus.NOT_STARTED:
                 continue
-            if identifier in ended and row["trial_id"] not in self.damaged:
+            if row["trial_id"] not in self.damaged and (not self.spec.resume or identifier in ended):
                 continue
             trial = EndedTrial(row["trial_id"], row["config"])
             self.damaged.discard(trial.trial_id)
