@@ -14,6 +14,7 @@ from ray.tune import Checkpoint, Result
 
 from text_recognizer.facts import TrialStatus, search_ended, trial_status
 from text_recognizer.search.config import load_config
+from text_recognizer.search.outputs.report import study
 from text_recognizer.search.outputs.results import collect, summarize, write_results
 from text_recognizer.search.spec import SearchSpec
 
@@ -177,6 +178,28 @@ def test_a_trial_never_takes_another_trials_metrics(tmp_path: Path) -> None:
     rows, best = collect([errored], spec_for(tmp_path), {})
     assert [(row["trial_id"], row["status"], row["epochs"], row["val_acc"]) for row in rows] == [("b0002", "error", 0, None)]
     assert best is None
+
+
+def test_a_trial_tunes_state_has_pending_is_pending_whatever_rows_its_folder_holds(tmp_path: Path) -> None:
+    """A driver killed after a trial's first epoch but before Tune saved its state leaves the trial's rows on disk
+    and Tune's state (what --resume restores) with the trial pending: Tune hands back its rows and a last result
+    of its id alone, with no config. Seen in the long chaos run: the row had a best val_acc and no config, and
+    the report's study of the search raised as the next driver exited on SIGTERM."""
+    folder = tmp_path / "s" / "trial_c0003"
+    folder.mkdir(parents=True)
+    stale = pd.DataFrame([{"training_iteration": 1, "val_acc": 0.3, "trial_id": "c0003", "done": True}])
+    pending = Result(metrics={"trial_id": "c0003"}, checkpoint=None, error=None, path=str(folder), metrics_dataframe=stale)
+    done = trial_result(tmp_path, "a0001", [{"training_iteration": 1, "val_acc": 0.5}], {1: {"val_acc": 0.5}})
+    spec = spec_for(tmp_path)
+    rows, best = collect([pending, done], spec, {})
+    assert [(row["trial_id"], row["status"], row["epochs"], row["best_val_acc"]) for row in rows] == [
+        ("a0001", "stopped_early", 1, 0.5),
+        ("c0003", "pending", 0, None),
+    ]
+    assert best["trial_id"] == "a0001"
+    summary = summarize(spec, rows, best, 1.0)
+    assert summary["interrupted"]
+    assert [trial.params for trial in study(summary, {}).trials] == [{"fc1": 8}]
 
 
 @pytest.mark.parametrize(("keep", "kept"), [(1, ["t1"]), (2, ["t1", "t3"]), (9, ["t1", "t3", "t2"])])

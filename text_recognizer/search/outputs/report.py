@@ -70,12 +70,13 @@ def study(summary: dict[str, Any], curves: dict[str, list[dict]]) -> optuna.Stud
     made = optuna.create_study(direction="maximize" if summary["settings"]["mode"] == "max" else "minimize")
     key = f"best_{metric}"
     for row in summary["trials"]:
-        if finite(row.get(key)) is None:
+        # a row with no config is one Tune holds no result of (results.own_metrics): it is no trial of the study
+        if finite(row.get(key)) is None or not distributions.keys() <= row["config"].keys():
             continue
         epochs = {
             r["training_iteration"]: r[metric] for r in curves.get(row["trial_id"], []) if finite(r.get(metric)) is not None
         }
-        params = {param: row["config"].get(param) for param in distributions}
+        params = {param: row["config"][param] for param in distributions}
         trial = optuna.trial.create_trial(
             params=params, distributions=distributions, value=row[key], intermediate_values=epochs, user_attrs=row
         )

@@ -76,11 +76,14 @@ def _failures(trial_dir: Path) -> int:
 
 
 def own_metrics(result: Result) -> tuple[str, dict[str, Any]]:
-    """A trial's id (from its folder, trial_<id>) and its last result; an empty one when what Tune hands back is
-    another trial's (seen for a trial that errored before its first result in a reused actor)."""
+    """A trial's id (from its folder, trial_<id>) and its last result as Tune's state records it; an empty one when
+    what Tune hands back is another trial's (seen for a trial that errored before its first result in a reused
+    actor), or when Tune's state holds no result of it. Then its rows on disk, if any, are not its own either: a
+    driver killed after the trial's first epoch but before Tune saved its state leaves them, and Tune's state, the
+    one --resume restores, has the trial pending, with no config (seen in the long chaos run)."""
     trial_id = PurePosixPath(result.path).name.removeprefix(TRIAL_PREFIX)
     last = result.metrics or {}
-    return trial_id, (last if last.get("trial_id", trial_id) == trial_id else {})
+    return trial_id, (last if last.get("trial_id", trial_id) == trial_id and "training_iteration" in last else {})
 
 
 def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float], budget_ended: bool = False) -> dict[str, Any]:
