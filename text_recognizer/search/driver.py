@@ -305,9 +305,9 @@ def trainable(spec: SearchSpec, data: ray.ObjectRef) -> Any:
     """What Tune runs per trial, with its resources: in the trial's actor (default) or in a fork."""
     if spec.trial_process == "fork":
         # a new key per search: a fork server never serves another search's data
-        function = tune.with_parameters(tune_actor.train_in_fork, arrays=data, data_key=uuid.uuid4().hex)
+        function = tune_actor.trainable_class(tune_actor.train_in_fork, arrays=data, data_key=uuid.uuid4().hex)
     else:
-        function = tune.with_parameters(tune_actor.train_in_actor, arrays=data)
+        function = tune_actor.trainable_class(tune_actor.train_in_actor, arrays=data)
     cpus, gpus = spec.resources
     return tune.with_resources(function, {"CPU": cpus, "GPU": gpus})
 

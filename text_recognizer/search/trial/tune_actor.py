@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -65,6 +67,39 @@ def reporter(warning: str | None) -> Callable[[dict[str, Any], str], None]:
             shutil.rmtree(directory, ignore_errors=True)
 
     return report
+
+
+def trainable_class(function: Callable[..., None], **parameters: Any) -> type:
+    """Tune's trainable for `function` with its large `parameters` in the object store (tune.with_parameters),
+    whose actor, reused for the next trial, says why it could not be: Tune's own failure names no cause ("Trainable
+    runner reuse requires reset_config() to be implemented and return True"), and the next trial ends in error."""
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    base = wrap_function(tune.with_parameters(function, **parameters))  # the class Tune would make of it
+
+    class Trainable(base):
+        def reset_config(self, new_config: dict[str, Any]) -> bool:
+            if super().reset_config(new_config):
+                return True
+            from ray.train._internal.session import get_session
+
+            waited = os.environ.get("TUNE_FUNCTION_THREAD_TIMEOUT_S", "2")  # how long Tune's reset waited
+            print(
+                f"warning: the last trial's thread in this actor had not ended {waited} s after Tune stopped it, so"
+                f" trial {self.trial_id} can't reuse the actor; the thread is at:\n{thread_stack(get_session().training_thread)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return False
+
+    Trainable.__name__ = Trainable.__qualname__ = function.__name__  # Tune names the trainable by its _name, kept
+    return Trainable
+
+
+def thread_stack(thread: threading.Thread) -> str:
+    """Where a running thread is, as a traceback prints it."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    return "".join(traceback.format_stack(frame)) if frame else "(the thread has ended)\n"
 
 
 def train_in_actor(config: dict[str, Any], arrays: dict[str, Any] | None = None) -> None:
