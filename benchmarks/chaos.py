@@ -67,12 +67,15 @@ space:
   lr: {loguniform: [1.0e-3, 1.0e-2]}
 """
 # trials, faults and the seconds of training between two faults (drawn uniformly), per schedule: a tiny trial
-# trains in about a second, two at a time, so the faults fall inside the search, not after its end
-SCHEDULES = {"short": (70, 8, (2.0, 6.0)), "long": (240, 120, (0.5, 2.5))}
+# trains in about a second, two at a time, so the faults fall inside the search, not after its end. A driver
+# restarted by a fault trains nothing for 20-30 s, and the search goes on some 9 trials a fault: 240 trials ended
+# after 27 of 119 faults (2026-12-02), so the long schedule has 1,000 trials for its 120
+SCHEDULES = {"short": (70, 8, (2.0, 6.0)), "long": (1000, 120, (0.5, 2.5))}
 KEEP = 3  # --keep-checkpoints
 MAX_FAILURES = 6  # retries per trial: a trial may be hit by several faults in a row; none must end it in error
 TRIAL_FAULTS = ("worker_kill", "fork_kill", "node_replace", "storage_readonly")
 DRIVER_FAULTS = ("driver_kill", "driver_term", "checkpoint_truncate")
+TUNE_RESTORE_FAILED = "Failed to restore the run state"  # Tune's log line (tune_controller.py) as it starts over
 NODE = {"num_cpus": 1, "object_store_memory": 600 * 2**20}  # the dataset (~220 MB decoded) fits each object store
 
 
@@ -352,6 +355,13 @@ def check_trials(checks: Checks, search_dir: Path, trials: int, baseline: list[d
     return summary
 
 
+def check_restores(checks: Checks, chaos: Chaos) -> None:
+    """Every --resume restored Tune's saved state: when Tune can't read it, it logs this line and starts the search
+    again from nothing under the same name (seen: a set of state files cut short by a driver killed as it copied)."""
+    failed = [log.name for log in sorted(chaos.folder.glob("driver-*.log")) if TUNE_RESTORE_FAILED in log.read_text()]
+    checks.check(not failed, f"every resumed driver restored the saved state: {len(failed)} started over {failed[:3]}")
+
+
 def check_wandb(checks: Checks, search_dir: Path, summary: dict) -> None:
     from text_recognizer.search.tracking.wandb_files import offline_runs
 
@@ -527,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  faults injected: {sum(chaos.injected.values())} ({injected}); {skipped} not injected {dict(chaos.skipped)}")
     missing = [kind for kind in dict.fromkeys(kind for _, kind in faults) if not chaos.injected[kind]]
     checks.check(not missing, f"every kind scheduled was injected ({missing or 'none'} missing); {chaos.launches} drivers")
+    check_restores(checks, chaos)
     summary = check_trials(checks, chaos.search_dir, args.trials, baseline_rows)
     check_wandb(checks, chaos.search_dir, summary)
     check_checkpoints(checks, chaos.search_dir, summary)

@@ -34,7 +34,7 @@ from text_recognizer.facts import (
     search_ended,
     with_precision,
 )
-from text_recognizer.search import confirm, storage
+from text_recognizer.search import confirm, saved_state, storage
 from text_recognizer.search.cluster import ray_cluster
 from text_recognizer.search.failfast import FIRST, FailFast
 from text_recognizer.search.grow import (
@@ -207,14 +207,7 @@ def confirm_winner(
     callbacks += [wandb_callback] if spec.wandb_mode != "disabled" else []
     function = trainable(spec, data)
     if tune.Tuner.can_restore(f"{base['storage_path']}/{name}", storage_filesystem=base["storage_filesystem"]):
-        tuner = tune.Tuner.restore(
-            f"{base['storage_path']}/{name}",
-            function,
-            resume_unfinished=True,
-            resume_errored=True,
-            storage_filesystem=base["storage_filesystem"],
-        )
-        replace_callbacks(tuner, callbacks)
+        tuner = restore(f"{base['storage_path']}/{name}", function, callbacks, base["storage_filesystem"])
     else:
         tune_settings = tune.TuneConfig(
             metric=config.metric,
@@ -449,6 +442,16 @@ def new_part(spec: SearchSpec) -> dict[str, Any]:
     return {"started": started, "num_samples": config.num_samples, "time_budget": config.time_budget, "wall_seconds": 0.0}
 
 
+def restore(experiment: str, function: Any, callbacks: list[tune.Callback], filesystem: Any = None) -> tune.Tuner:
+    """The Tuner of a saved search, from its newest state that reads (saved_state), with these callbacks; its
+    unfinished and errored trials go on."""
+    if warning := saved_state.restorable(experiment, filesystem):
+        print(warning, file=sys.stderr, flush=True)
+    tuner = tune.Tuner.restore(experiment, function, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem)
+    replace_callbacks(tuner, callbacks)
+    return tuner
+
+
 def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = ()) -> tuple[tune.ResultGrid, TrialClock, dict]:
     """Build the Tuner (or restore it, with --resume) and fit it; returns its ResultGrid, the trials' start clock
     and the search's saved record (its wall seconds over all its drivers, its parts, its W&B sweep)."""
@@ -466,14 +469,7 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
     callbacks.append(failfast)  # last: a failed trial's run and line come first
     if spec.resume:
         where = tune_storage(spec)
-        tuner = tune.Tuner.restore(
-            f"{where['storage_path']}/{spec.name}",
-            function,
-            resume_unfinished=True,
-            resume_errored=True,
-            storage_filesystem=where.get("storage_filesystem"),
-        )
-        replace_callbacks(tuner, callbacks)
+        tuner = restore(f"{where['storage_path']}/{spec.name}", function, callbacks, where.get("storage_filesystem"))
     else:
         tuner = tune.Tuner(
             function, param_space=spec.config.param_space(), tune_config=tune_config(spec), run_config=run_config(spec, callbacks)

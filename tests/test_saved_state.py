@@ -1,0 +1,70 @@
+"""A resumed search restores the newest of Tune's saved states that reads: a set cut short by a killed driver's
+copy is moved aside, kept. Real Tune searches on a local Ray, their state files cut as a killed copy leaves them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from ray import tune
+
+from text_recognizer.search import saved_state
+from text_recognizer.util import UserError
+
+
+def trainable() -> object:
+    """Made here, so that Ray pickles it by value: a worker can't import this test module."""
+
+    def two_epochs(config: dict) -> None:
+        for epoch in (1, 2):
+            tune.report({"epoch": epoch, "score": config["x"] * epoch})
+
+    return two_epochs
+
+
+def search(tmp_path: Path, samples: int) -> Path:
+    """A search of `samples` trials; run again with more, it is restored and grown: two saved state sets."""
+    folder = tmp_path / "s"
+    if tune.Tuner.can_restore(str(folder)):
+        time.sleep(1.1)  # a set's name is its driver's start, to the second
+        tuner = tune.Tuner.restore(str(folder), trainable(), resume_unfinished=True)
+        tuner._local_tuner._tune_config.num_samples = samples  # noqa: SLF001 (as grow.py raises it)
+    else:
+        run = tune.RunConfig(name="s", storage_path=str(tmp_path), verbose=0)
+        tuner = tune.Tuner(
+            trainable(), param_space={"x": tune.uniform(0, 1)}, tune_config=tune.TuneConfig(num_samples=samples), run_config=run
+        )
+    tuner.fit()
+    return folder
+
+
+def states(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.glob("experiment_state-*"))
+
+
+def test_a_cut_newest_state_is_moved_aside_and_the_one_before_restores(local_ray: None, tmp_path: Path) -> None:
+    folder = search(tmp_path, 2)
+    older = states(folder)
+    assert len(older) == 1 and saved_state.restorable(str(folder)) is None  # the newest reads: nothing moved
+    search(tmp_path, 3)
+    newest = (set(states(folder)) - set(older)).pop()
+    text = (folder / newest).read_text()
+    (folder / newest).write_text(text[: len(text) // 2])  # a copy killed half-way
+    warning = saved_state.restorable(str(folder))
+    assert warning.startswith("warning: the search's newest saved state (") and newest in warning
+    assert states(folder) == [*older, f"{newest}.unreadable"]
+    assert (folder / f"{newest}.unreadable").read_text() == text[: len(text) // 2]  # kept as it was
+    stamp = newest.removeprefix("experiment_state-").removesuffix(".json")
+    assert not list(folder.glob(f"*-{stamp}.json")) and not list(folder.glob(f"*-{stamp}.pkl"))  # its searcher too
+    restored = tune.Tuner.restore(str(folder), trainable()).get_results()
+    assert len(restored) == 2 and all(result.metrics["epoch"] == 2 for result in restored)  # the older set's trials
+
+
+def test_no_state_that_reads_is_a_clear_error_and_changes_nothing(local_ray: None, tmp_path: Path) -> None:
+    folder = search(tmp_path, 1)
+    (only,) = states(folder)
+    (folder / only).write_text("")
+    with pytest.raises(UserError, match="no saved state of the search at .* reads"):
+        saved_state.restorable(str(folder))
+    assert states(folder) == [only]
