@@ -202,6 +202,19 @@ def test_a_trial_tunes_state_has_pending_is_pending_whatever_rows_its_folder_hol
     assert [trial.params for trial in study(summary, {}).trials] == [{"fc1": 8}]
 
 
+def test_a_trial_in_a_folder_tune_made_unique_keeps_its_id_and_metrics(tmp_path: Path) -> None:
+    """Tune names a trial's folder trial_<id>_<4 hex> when trial_<id> is there already (a killed driver made it
+    before it saved the trial): the row is the trial's, not a pending one (seen in the long chaos run: 12 trials)."""
+    folder = tmp_path / "s" / "trial_c0003_76a0"
+    folder.mkdir(parents=True)
+    last = {"training_iteration": 1, "val_acc": 0.3, "trial_id": "c0003", "done": True, "config": {"fc1": 8}}
+    done = Result(metrics=last, checkpoint=None, error=None, path=str(folder), metrics_dataframe=pd.DataFrame([last]))
+    rows, _ = collect([done], spec_for(tmp_path), {})
+    assert [(row["trial_id"], row["status"], row["epochs"], row["best_val_acc"]) for row in rows] == [
+        ("c0003", "stopped_early", 1, 0.3)
+    ]
+
+
 @pytest.mark.parametrize(("keep", "kept"), [(1, ["t1"]), (2, ["t1", "t3"]), (9, ["t1", "t3", "t2"])])
 def test_a_finished_search_keeps_the_checkpoints_of_its_best_trials(tmp_path: Path, keep: int, kept: list[str]) -> None:
     """Ended trials outside the best `keep` and diverged ones lose their checkpoint folders; errored ones keep theirs

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -81,7 +82,9 @@ def own_metrics(result: Result) -> tuple[str, dict[str, Any]]:
     actor), or when Tune's state holds no result of it. Then its rows on disk, if any, are not its own either: a
     driver killed after the trial's first epoch but before Tune saved its state leaves them, and Tune's state, the
     one --resume restores, has the trial pending, with no config (seen in the long chaos run)."""
-    trial_id = PurePosixPath(result.path).name.removeprefix(TRIAL_PREFIX)
+    # Tune adds _<4 hex> to a trial's folder when one of its name is there already: a driver killed after it made
+    # the trial's folder but before it saved the trial in its state, and the next made it again (long chaos run)
+    trial_id = re.sub(r"_[0-9a-f]{4}$", "", PurePosixPath(result.path).name.removeprefix(TRIAL_PREFIX))
     last = result.metrics or {}
     return trial_id, (last if last.get("trial_id", trial_id) == trial_id and "training_iteration" in last else {})
 
