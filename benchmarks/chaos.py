@@ -68,7 +68,7 @@ space:
 """
 # trials, faults and the seconds of training between two faults (drawn uniformly), per schedule: a tiny trial
 # trains in about a second, two at a time, so the faults fall inside the search, not after its end. A driver
-# restarted by a fault trains nothing for 20-30 s, and the search goes on some 9 trials a fault: 240 trials ended
+# restarted by a fault trains nothing for 20-90 s, and the search goes on some 9 trials a fault: 240 trials ended
 # after 27 of 119 faults (2026-12-02), so the long schedule has 1,000 trials for its 120
 SCHEDULES = {"short": (70, 8, (2.0, 6.0)), "long": (1000, 120, (0.5, 2.5))}
 KEEP = 3  # --keep-checkpoints

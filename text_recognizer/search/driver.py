@@ -53,6 +53,7 @@ from text_recognizer.search.outputs.results import (
     best_of,
     collect,
     finite,
+    own_metrics,
     print_report,
     summarize,
     unfinished,
@@ -248,7 +249,7 @@ def confirm_winner(
 
 def confirmed_trial(result: tune.Result, spec: SearchSpec, chosen: list[dict]) -> dict[str, Any]:
     """One confirm trial: the config it repeats, its seed, its best checkpoint by the metric with that epoch's metrics."""
-    metric, trial_id = spec.config.metric, os.path.basename(result.path.rstrip("/")).removeprefix(TRIAL_PREFIX)
+    metric, (trial_id, _) = spec.config.metric, own_metrics(result)
     kept = [(c, m) for c, m in result.best_checkpoints or [] if finite(m.get(metric)) is not None]
     checkpoint, metrics = best_of(kept, metric, spec.config.mode) if kept else (None, {})
     return {
