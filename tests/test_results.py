@@ -215,6 +215,21 @@ def test_a_trial_in_a_folder_tune_made_unique_keeps_its_id_and_metrics(tmp_path:
     ]
 
 
+@pytest.mark.parametrize(("budget_ended", "status"), [(False, "interrupted"), (True, "stopped_by_budget")])
+def test_a_trial_the_driver_saw_start_is_started_before_its_first_result(tmp_path: Path, budget_ended: bool, status: str) -> None:
+    """Ctrl-C (or the time budget) between a trial's start and its first epoch: its W&B run, open since the start,
+    ends as interrupted (stopped_by_budget), and so does its row; one the driver never saw start stays pending
+    (not_started). Seen in CI: summary.json had the trial pending, its run interrupted."""
+    folders = [tmp_path / "s" / f"trial_{trial_id}" for trial_id in ("b0001", "b0002")]
+    started, queued = (Result(metrics={"trial_id": f.name[6:]}, checkpoint=None, error=None, path=str(f)) for f in folders)
+    rows, best = collect([started, queued], spec_for(tmp_path), {"b0001": 1.0}, budget_ended)
+    assert [(row["trial_id"], row["status"], row["epochs"]) for row in rows] == [
+        ("b0001", status, 0),
+        ("b0002", "not_started" if budget_ended else "pending", 0),
+    ]
+    assert best is None
+
+
 @pytest.mark.parametrize(("keep", "kept"), [(1, ["t1"]), (2, ["t1", "t3"]), (9, ["t1", "t3", "t2"])])
 def test_a_finished_search_keeps_the_checkpoints_of_its_best_trials(tmp_path: Path, keep: int, kept: list[str]) -> None:
     """Ended trials outside the best `keep` and diverged ones lose their checkpoint folders; errored ones keep theirs

@@ -97,10 +97,13 @@ TrialStatus.BUDGET = frozenset({TrialStatus.STOPPED_BY_BUDGET, TrialStatus.NOT_S
 TrialStatus.FAILED = frozenset({TrialStatus.ERROR, TrialStatus.DIVERGED})  # no best checkpoint, never the winner
 
 
-def trial_status(last: dict[str, Any], max_t: int, error: bool = False, budget_ended: bool = False) -> TrialStatus:
+def trial_status(
+    last: dict[str, Any], max_t: int, error: bool = False, budget_ended: bool = False, started: bool = False
+) -> TrialStatus:
     """A trial's outcome from its last result: completed (ran max_t epochs), stopped_early (by ASHA),
     diverged, error, interrupted (started, not finished) or pending (never started); when the search's time
-    budget ended it, its unfinished trials are stopped_by_budget (started) or not_started.
+    budget ended it, its unfinished trials are stopped_by_budget (started) or not_started. `started`: the driver
+    saw it start, so it was, even with no result yet (as its W&B run, open since then, says).
 
     Tune marks the last result of a finished trial `done` (ASHA's stop included), so no Tune status is needed.
     """
@@ -108,7 +111,7 @@ def trial_status(last: dict[str, Any], max_t: int, error: bool = False, budget_e
         return TrialStatus.ERROR
     if last.get("diverged"):
         return TrialStatus.DIVERGED
-    if not last.get("training_iteration"):
+    if not last.get("training_iteration") and not started:
         return TrialStatus.NOT_STARTED if budget_ended else TrialStatus.PENDING
     if not last.get("done"):
         return TrialStatus.STOPPED_BY_BUDGET if budget_ended else TrialStatus.INTERRUPTED

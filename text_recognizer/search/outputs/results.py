@@ -99,7 +99,9 @@ def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float], 
     row = {
         "trial_id": trial_id,
         # the plain string: a row is data, printed (as in the statuses' dict) and written as it is
-        "status": trial_status(last, config.max_t, error=result.error is not None, budget_ended=budget_ended).value,
+        "status": trial_status(
+            last, config.max_t, error=result.error is not None, budget_ended=budget_ended, started=trial_id in trial_starts
+        ).value,
         "epochs": epochs,
         "config": trial_config,
         **{key: finite(last.get(key)) for key in FINAL_METRICS},
