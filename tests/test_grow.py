@@ -3,6 +3,7 @@ rungs come back, the per-part budget stops. These tests also catch a Ray release
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -17,9 +18,11 @@ from text_recognizer.search.grow import (
     GrowingVariantGenerator,
     PartBudget,
     ResumableASHA,
+    reconcile_searcher_samples,
     rung_values,
     this_part,
 )
+from text_recognizer.search.saved_state import trial_ids
 
 
 def report_epochs(config: dict) -> None:
@@ -137,3 +140,59 @@ def test_a_search_its_budget_ended_grows_by_time_alone(local_ray: None, tmp_path
     assert resumed(-1) == first  # its own budget spent: nothing more
     grown = resumed(8)
     assert first < grown < 500, (first, grown)
+
+
+def drop_newest_trials(experiment: Path, count: int) -> set[str]:
+    """Tune's saved state as a driver killed mid-copy leaves it: the experiment_state of an earlier save (without
+    the newest `count` trials) beside the search algorithm's newer state; returns the ids dropped."""
+    (path,) = experiment.glob("experiment_state-*.json")
+    state = json.loads(path.read_text())
+    tag = lambda entry: int(json.loads(entry[0])["experiment_tag"].split("_")[0])  # noqa: E731 the sampler's counter
+    ordered = sorted(state["trial_data"], key=tag)
+    state["trial_data"] = ordered[:-count]
+    path.write_text(json.dumps(state))
+    return {json.loads(entry[0])["trial_id"] for entry in ordered[-count:]}
+
+
+@pytest.mark.parametrize("sampler", ["random", "optuna"])
+def test_a_sampler_ahead_of_the_saved_trials_draws_the_lost_ones_again(local_ray: None, tmp_path: Path, sampler: str) -> None:
+    """Seen in the long chaos run: the saved state had 998 trials and the sampler's 1,000, so the search could never
+    end (it sampled all, yet fewer trials than its count). A resume now draws the lost ones again."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    algorithm = (
+        GrowingVariantGenerator(random_state=5)
+        if sampler == "random"
+        else GrowingSearchGenerator(ConcurrencyLimiter(OptunaSearch(seed=5), max_concurrent=2))
+    )
+    first = fit(tmp_path, "ahead", 4, algorithm)
+    assert len(first) == 4
+    lost = drop_newest_trials(tmp_path / "ahead", 2)
+    restored = trial_ids(str(tmp_path / "ahead"))
+    assert len(restored) == 2 and not restored & lost
+    tuner = tune.Tuner.restore(str(tmp_path / "ahead"), report_epochs, resume_unfinished=True)
+    with this_part(4, None, restored):
+        again = tuner.fit()
+    assert len(again) == 4 and again.num_errors == 0
+    assert all(result.metrics["training_iteration"] == 2 for result in again)
+    ids = {result.metrics["trial_id"] for result in again}
+    assert restored < ids and (ids - restored == lost if sampler == "random" else not ids & lost)  # random: the same ids
+
+
+def test_a_lost_trial_the_concurrency_limit_counts_as_running_ends_there(local_ray: None) -> None:
+    """Two trials made and lost before Tune saved them: the limit (2) would wait for them forever; they end as
+    failed in the study, and the searcher makes trials again."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    generator = GrowingSearchGenerator(ConcurrencyLimiter(OptunaSearch(seed=0), max_concurrent=2))
+    generator.set_search_properties("score", "max", SPACE)
+    tune.register_trainable("report_epochs", report_epochs)
+    generator.add_configurations({"run": {"run": "report_epochs", "config": SPACE, "num_samples": 3}})
+    made = [generator.next_trial() for _ in range(3)]
+    assert made[0] and made[1] and made[2] is None  # the limit
+    assert reconcile_searcher_samples(generator, restored=set()) == 2
+    study = generator.searcher.searcher._ot_study
+    assert [trial.state.name for trial in study.trials] == ["FAIL", "FAIL"]
+    assert generator.next_trial() is not None and generator.get_state()["counter"] == 1

@@ -468,9 +468,12 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
         callbacks.append(Progress(config.metric, config.mode, config.max_t, list(config.space)))
     failfast = FailFast(min(FIRST, spec.config.num_samples))
     callbacks.append(failfast)  # last: a failed trial's run and line come first
+    restored = None  # a resume: the trials Tune restores, which its sampler must agree with (grow.Part.restored)
     if spec.resume:
         where = tune_storage(spec)
-        tuner = restore(f"{where['storage_path']}/{spec.name}", function, callbacks, where.get("storage_filesystem"))
+        experiment, filesystem = f"{where['storage_path']}/{spec.name}", where.get("storage_filesystem")
+        tuner = restore(experiment, function, callbacks, filesystem)
+        restored = saved_state.trial_ids(experiment, filesystem)
     else:
         tuner = tune.Tuner(
             function, param_space=spec.config.param_space(), tune_config=tune_config(spec), run_config=run_config(spec, callbacks)
@@ -480,7 +483,7 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
     deadline = began + part["time_budget"] - part["wall_seconds"] if part["time_budget"] is not None else None
     wandb_callback.deadline = deadline
     try:
-        with tune_environment(spec.output), kept_out(spec.wandb_mode), this_part(spec.config.num_samples, deadline):
+        with tune_environment(spec.output), kept_out(spec.wandb_mode), this_part(spec.config.num_samples, deadline, restored):
             grid = tuner.fit()
     finally:  # also when FailFast stopped the search
         wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over

@@ -15,6 +15,12 @@ ResultGrid, and `--resume` after a kill works as for any search. What Tune lacks
 - a time budget per part: Tune's own budget (TuneConfig.time_budget_s) is a stopper whose remaining seconds are
   saved with the experiment and restored over any new one. PartBudget instead stops at the deadline the driver
   set for this fit, so a grown part gets its own budget and a resumed part what was left of its own.
+- the sampler agrees with the trials: Tune saves the trials (experiment_state) and the search algorithm in two
+  files, copies them to storage one by one, and restores the search algorithm from the driver's staging folder,
+  which can hold a newer one. A driver killed in between leaves a sampler that drew trials the saved state never
+  had (the long chaos run: 998 trials, the sampler at 1,000, a search that could never end). On restore its count
+  goes back to the trials Tune restored (`Part.restored`), so it draws the lost ones again (`reconcile_samples`,
+  `reconcile_searcher_samples`, the same private reach as the sample count's).
 - ASHA's rungs survive a restore: Tune never saves the scheduler's state, so a restored ASHA would judge new trials
   against empty rungs. ResumableASHA refills each restored trial's rungs from its result.json.
 
@@ -27,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,15 +48,17 @@ class Part:
 
     num_samples: int | None = None
     deadline: float | None = None
+    restored: frozenset[str] | None = None  # the ids of the trials in the saved state Tune restores (a resume)
 
 
 @contextmanager
-def this_part(num_samples: int, deadline: float | None) -> Iterator[None]:
+def this_part(num_samples: int, deadline: float | None, restored: Collection[str] | None = None) -> Iterator[None]:
     Part.num_samples, Part.deadline = num_samples, deadline
+    Part.restored = frozenset(restored) if restored is not None else None
     try:
         yield
     finally:
-        Part.num_samples, Part.deadline = None, None
+        Part.num_samples, Part.deadline, Part.restored = None, None, None
 
 
 def has_time() -> bool:
@@ -91,20 +99,62 @@ def raise_searcher_samples(generator: SearchGenerator, num_samples: int, reopen:
     return extra
 
 
+def reconcile_samples(generator: BasicVariantGenerator, restored: Collection[str]) -> int:
+    """Private reach: a restored random sampler's count set to the trials Tune restored (`restored`, their ids:
+    <prefix><5-digit index>). One that drew trials the saved state lacks (always its newest) draws as many again,
+    under the same ids; one behind the trials goes on past them, never making an id twice. Returns the samples it
+    draws again (negative: skipped)."""
+    iterators = getattr(generator, "_iterators", None)
+    if not iterators or not all(hasattr(iterators[-1], key) for key in ("counter", "uuid_prefix", "num_samples_left")):
+        raise RuntimeError("this Ray release keeps BasicVariantGenerator's trial count elsewhere: update reconcile_samples")
+    last = iterators[-1]
+    if len(iterators) > 1 or max(1, generator._total_samples // max(1, last.num_samples)) > 1:
+        return 0  # a grid (several variants a sample) or several configurations: a trial is no sample; left as it is
+    indices = [int(tid[len(last.uuid_prefix) :]) for tid in restored if tid.startswith(last.uuid_prefix)]
+    count = max(indices, default=-1) + 1
+    lost = last.counter - count
+    if lost:
+        last.counter, last.variants = count, None
+        last.num_samples_left = max(0, last.num_samples_left + lost)
+        generator._live_trials = {tid for tid in generator._live_trials if tid in restored}
+    return lost
+
+
+def reconcile_searcher_samples(generator: SearchGenerator, restored: Collection[str]) -> int:
+    """Private reach: a restored model-based search's count of trials made set to the trials Tune restored; the
+    ones its concurrency limit still counts as running and Tune lost end as errored in the searcher (Optuna marks
+    them failed), or the limit would wait for them forever. Returns the trials it makes again (negative: skipped)."""
+    state = generator.get_state()
+    if "counter" not in state:
+        raise RuntimeError("this Ray release keeps SearchGenerator's trial count elsewhere: update reconcile_searcher_samples")
+    lost = state["counter"] - len(restored)
+    if lost:
+        generator.set_state({**state, "counter": len(restored)})
+    for trial_id in set(getattr(generator.searcher, "live_trials", ())) - set(restored):
+        generator.searcher.on_trial_complete(trial_id, error=True)
+    return lost
+
+
 class GrowingVariantGenerator(BasicVariantGenerator):
-    """Tune's random sampler, raised to this part's sample count whenever Tune restores it."""
+    """Tune's random sampler, made to agree with the trials Tune restored and raised to this part's sample count
+    whenever Tune restores it."""
 
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
+        if Part.restored is not None:
+            reconcile_samples(self, Part.restored)
         if Part.num_samples:
             raise_samples(self, Part.num_samples, reopen=has_time())
 
 
 class GrowingSearchGenerator(SearchGenerator):
-    """Tune's wrapper of a Searcher (OptunaSearch), raised to this part's sample count whenever Tune restores it."""
+    """Tune's wrapper of a Searcher (OptunaSearch), made to agree with the trials Tune restored and raised to this
+    part's sample count whenever Tune restores it."""
 
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
+        if Part.restored is not None:
+            reconcile_searcher_samples(self, Part.restored)
         if Part.num_samples:
             raise_searcher_samples(self, Part.num_samples, reopen=has_time())
 

@@ -6,7 +6,8 @@ the driver's staging folder and copies them to storage without a rename, so a dr
 cut short there. Tune restores from the newest set by name; when that one does not read, it logs an error and starts
 the search again from nothing under the same name (seen in the long chaos run: 436 trials dropped for a new search
 of 1). So, before a restore, every set newer than the newest that reads is moved aside, as <file>.unreadable (kept,
-never deleted), and Tune restores that one.
+never deleted), and Tune restores that one. The ids of the trials it holds (`trial_ids`) let the search algorithm,
+saved in another file of the set and restored from the driver's staging folder, agree with it (grow.reconcile_*).
 """
 
 from __future__ import annotations
@@ -62,3 +63,15 @@ def restorable(experiment: str, storage_filesystem: pafs.FileSystem | None = Non
         f"warning: the search's newest saved state ({', '.join(newer)}) does not read, cut short by a killed driver;"
         f" resuming from the one before ({chosen}); the unread files are kept as *{SET_ASIDE}"
     )
+
+
+def trial_ids(experiment: str, storage_filesystem: pafs.FileSystem | None = None) -> set[str]:
+    """The ids of the trials in the saved state Tune restores (its newest experiment_state, by name, as Tune picks)."""
+    fs, root = get_fs_and_path(experiment, storage_filesystem)
+    names = [info.base_name for info in fs.get_file_info(pafs.FileSelector(root)) if info.type == pafs.FileType.File]
+    newest = max((name for name in names if name.startswith("experiment_state-") and name.endswith(".json")), default=None)
+    if newest is None:
+        return set()
+    with fs.open_input_stream(f"{root}/{newest}") as stream:
+        state = json.loads(stream.readall())
+    return {json.loads(trial_state)["trial_id"] for trial_state, _ in state["trial_data"]}
