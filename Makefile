@@ -24,7 +24,7 @@ test: install lint  ## the default test run (minutes); CI runs it, then test-slo
 	$(PYTHON) -m pytest
 
 test-slow: install
-	$(PYTHON) -m pytest -m slow
+	$(PYTHON) -m pytest -m slow --durations=25  # the slowest tests named in the log: CI has 90 minutes in all
 
 bench: install  ## quick benchmark (minutes): prints figures and ratios, writes benchmarks/results/
 	$(PYTHON) benchmarks/run.py --quick
