@@ -102,7 +102,7 @@ def raise_searcher_samples(generator: SearchGenerator, num_samples: int, reopen:
 def reconcile_samples(generator: BasicVariantGenerator, restored: Collection[str]) -> int:
     """Private reach: a restored random sampler's count set to the trials Tune restored (`restored`, their ids:
     <prefix><5-digit index>). One that drew trials the saved state lacks (always its newest) draws as many again,
-    under new ids (a lost trial's id may still have a folder or a process); one behind the trials goes on past
+    under new ids (a lost trial's id may still have a folder, with its rows); one behind the trials goes on past
     them, never making an id twice. Returns the samples it draws again (negative: skipped)."""
     iterators = getattr(generator, "_iterators", None)
     if not iterators or not all(hasattr(iterators[-1], key) for key in ("counter", "uuid_prefix", "num_samples_left")):
@@ -113,7 +113,7 @@ def reconcile_samples(generator: BasicVariantGenerator, restored: Collection[str
     indices = [int(tid[len(last.uuid_prefix) :]) for tid in restored if tid.startswith(last.uuid_prefix)]
     count = max(indices, default=-1) + 1
     lost = last.counter - count
-    if lost > 0:  # drawn again under new ids: a lost trial's id may still have a folder, or a process on a node
+    if lost > 0:  # drawn again under new ids: a lost trial's id may still have a folder (and its rows)
         last.num_samples_left += lost
         generator._live_trials = {tid for tid in generator._live_trials if tid in restored}
     elif lost < 0:
