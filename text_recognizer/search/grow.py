@@ -16,8 +16,9 @@ ResultGrid, and `--resume` after a kill works as for any search. What Tune lacks
   saved with the experiment and restored over any new one. PartBudget instead stops at the deadline the driver
   set for this fit, so a grown part gets its own budget and a resumed part what was left of its own.
 - the sampler agrees with the trials: Tune saves the trials (experiment_state) and the search algorithm in two
-  files, copies them to storage one by one, and restores the search algorithm from the driver's staging folder,
-  which can hold a newer one. A driver killed in between leaves a sampler that drew trials the saved state never
+  files, copied to storage by a background sync that the next save does not wait for (so one copy can hold the
+  trials of one save and the sampler of the next), and restores the search algorithm from the driver's staging
+  folder, which can hold a newer one. A driver killed then leaves a sampler that drew trials the saved state never
   had (the long chaos run: 998 trials, the sampler at 1,000, a search that could never end). On restore its count
   goes back to the trials Tune restored (`Part.restored`), so it draws the lost ones again (`reconcile_samples`,
   `reconcile_searcher_samples`, the same private reach as the sample count's).

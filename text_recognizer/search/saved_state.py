@@ -38,11 +38,16 @@ def reads(fs: pafs.FileSystem, path: str) -> bool:
     return True
 
 
+def file_names(fs: pafs.FileSystem, root: str) -> list[str]:
+    """The names of the files in the search's folder (not its trial folders)."""
+    return [info.base_name for info in fs.get_file_info(pafs.FileSelector(root)) if info.type == pafs.FileType.File]
+
+
 def restorable(experiment: str, storage_filesystem: pafs.FileSystem | None = None) -> str | None:
     """Make the newest readable state set of the search at `experiment` (a path or URI) the one Tune restores, by
     moving the newer sets aside; returns a one-line warning when it moved any, None when the newest reads."""
     fs, root = get_fs_and_path(experiment, storage_filesystem)
-    names = [info.base_name for info in fs.get_file_info(pafs.FileSelector(root)) if info.type == pafs.FileType.File]
+    names = file_names(fs, root)
     sets: dict[str, list[str]] = {}
     for name in names:
         if match := STATE_FILE.fullmatch(name):
@@ -68,7 +73,7 @@ def restorable(experiment: str, storage_filesystem: pafs.FileSystem | None = Non
 def trial_ids(experiment: str, storage_filesystem: pafs.FileSystem | None = None) -> set[str]:
     """The ids of the trials in the saved state Tune restores (its newest experiment_state, by name, as Tune picks)."""
     fs, root = get_fs_and_path(experiment, storage_filesystem)
-    names = [info.base_name for info in fs.get_file_info(pafs.FileSelector(root)) if info.type == pafs.FileType.File]
+    names = file_names(fs, root)
     newest = max((name for name in names if name.startswith("experiment_state-") and name.endswith(".json")), default=None)
     if newest is None:
         return set()
