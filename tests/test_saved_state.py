@@ -3,6 +3,7 @@ copy is moved aside, kept. Real Tune searches on a local Ray, their state files 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def trainable() -> object:
     return two_epochs
 
 
-def search(tmp_path: Path, samples: int) -> Path:
+def search(tmp_path: Path, samples: int, callbacks: list | None = None) -> Path:
     """A search of `samples` trials; run again with more, it is restored and grown: two saved state sets."""
     folder = tmp_path / "s"
     if tune.Tuner.can_restore(str(folder)):
@@ -31,7 +32,7 @@ def search(tmp_path: Path, samples: int) -> Path:
         tuner = tune.Tuner.restore(str(folder), trainable(), resume_unfinished=True)
         tuner._local_tuner._tune_config.num_samples = samples  # noqa: SLF001 (as grow.py raises it)
     else:
-        run = tune.RunConfig(name="s", storage_path=str(tmp_path), verbose=0)
+        run = tune.RunConfig(name="s", storage_path=str(tmp_path), verbose=0, callbacks=callbacks)
         tuner = tune.Tuner(
             trainable(), param_space={"x": tune.uniform(0, 1)}, tune_config=tune.TuneConfig(num_samples=samples), run_config=run
         )
@@ -68,3 +69,34 @@ def test_no_state_that_reads_is_a_clear_error_and_changes_nothing(local_ray: Non
     with pytest.raises(UserError, match="no saved state of the search at .* reads"):
         saved_state.restorable(str(folder))
     assert states(folder) == [only]
+
+
+def trial_ids_in(path: Path) -> set[str]:
+    return {json.loads(trial)["trial_id"] for trial, _ in json.loads(path.read_text())["trial_data"]}
+
+
+def test_whole_state_keeps_a_copy_that_reads_beside_tune_s_own(local_ray: None, tmp_path: Path) -> None:
+    folder = search(tmp_path, 3, callbacks=[saved_state.WholeState()])
+    own = states(folder)[0]
+    whole = own.replace(".json", f"{saved_state.WHOLE}.json")
+    assert states(folder) == [own, whole]  # newer by name: the one Tune restores
+    searchers = sorted(path.name for path in folder.glob("basic-variant-state-*"))
+    assert searchers == [
+        own.replace("experiment_state", "basic-variant-state"),
+        whole.replace("experiment_state", "basic-variant-state"),
+    ]
+    assert trial_ids_in(folder / whole) == trial_ids_in(folder / own) and len(trial_ids_in(folder / whole)) == 3
+    assert not list(folder.glob(f"*{saved_state.PART}"))
+    assert saved_state.trial_ids(str(folder)) == trial_ids_in(folder / whole)
+
+
+def test_a_first_driver_s_state_cut_short_restores_from_the_whole_copy(local_ray: None, tmp_path: Path) -> None:
+    """A first driver killed as Tune copied its state (seen in CI) leaves its only set of its own cut short; without
+    the whole copy nothing reads (test_no_state_that_reads...), with it the search restores with all its trials."""
+    folder = search(tmp_path, 3, callbacks=[saved_state.WholeState()])
+    own = states(folder)[0]
+    text = (folder / own).read_text()
+    (folder / own).write_text(text[: len(text) // 2])
+    assert saved_state.restorable(str(folder)) is None  # the newest set reads: nothing to move aside
+    restored = tune.Tuner.restore(str(folder), trainable()).get_results()
+    assert len(restored) == 3 and all(result.metrics["epoch"] == 2 for result in restored)

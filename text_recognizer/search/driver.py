@@ -201,7 +201,7 @@ def confirm_winner(
     points = confirm.trial_configs(chosen, seeds, config.max_t)
     name, where = f"confirm-{part}", tune_storage(spec)
     base = {"storage_path": f"{where['storage_path']}/{spec.name}", "storage_filesystem": where.get("storage_filesystem")}
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointKeeper(), *extra]
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointKeeper(), saved_state.WholeState(), *extra]
     wandb_callback = WandbTrialCallback(
         spec, job_type="confirm", labels=lambda trial: {confirm.ORIGIN_KEY: confirm.origin(trial.config, chosen)}
     )
@@ -461,7 +461,7 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
         print(f"W&B runs are offline; watch them live with:  {leet_command(str(spec.folder))}", flush=True)
     function = trainable(spec, data)
     clock, wandb_callback, keeper = TrialClock(), WandbTrialCallback(spec, record["sweep_id"]), CheckpointKeeper()
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), clock, keeper, *extra]
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), clock, keeper, saved_state.WholeState(), *extra]
     callbacks += [wandb_callback] if spec.wandb_mode != "disabled" else []
     if spec.output == "progress":
         config = spec.config

@@ -8,15 +8,25 @@ the search again from nothing under the same name (seen in the long chaos run: 4
 of 1). So, before a restore, every set newer than the newest that reads is moved aside, as <file>.unreadable (kept,
 never deleted), and Tune restores that one. The ids of the trials it holds (`trial_ids`) let the search algorithm,
 saved in another file of the set and restored from the driver's staging folder, agree with it (grow.reconcile_*).
+
+A driver's own sets all share its start as their stamp: each save overwrites the one before, on storage too. So a
+first driver killed mid-copy (seen in CI: SIGKILL right as a trial's second epoch reached storage) would leave no set
+that reads. `WholeState` keeps a second copy of the set, written whole or not at all: at each save, once Tune has
+written the set in the staging folder, it copies it to storage under the stamp `<stamp>~whole` (newer by name than
+Tune's own copy, older than the next driver's) through a temporary name and a move. Tune restores from it, and when
+a kill cut Tune's own copy short, that copy is older by name and never read.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
+from typing import Any
 
 import pyarrow.fs as pafs
-from ray import cloudpickle
+from ray import cloudpickle, tune
 from ray.train._internal.storage import get_fs_and_path
 
 from text_recognizer.util import UserError
@@ -24,6 +34,8 @@ from text_recognizer.util import UserError
 STATE_FILE = re.compile(r"(?:experiment_state|basic-variant-state|search_gen_state|searcher-state)-(.+)\.(?:json|pkl)")
 EXPERIMENT_STATE = "experiment_state-{}.json"  # Tune's TuneController.CKPT_FILE_TMPL
 SET_ASIDE = ".unreadable"  # a suffix no Tune pattern matches
+WHOLE = "~whole"  # WholeState's stamp suffix: '~' sorts after every character of Tune's stamps
+PART = ".part"  # a copy being written: a name no Tune pattern (nor STATE_FILE) matches
 
 
 def reads(fs: pafs.FileSystem, path: str) -> bool:
@@ -80,3 +92,47 @@ def trial_ids(experiment: str, storage_filesystem: pafs.FileSystem | None = None
     with fs.open_input_stream(f"{root}/{newest}") as stream:
         state = json.loads(stream.readall())
     return {json.loads(trial_state)["trial_id"] for trial_state, _ in state["trial_data"]}
+
+
+def copy_whole(staging: str, fs: pafs.FileSystem, root: str) -> list[str]:
+    """Copy the newest state set (by name, as Tune picks) in the driver's staging folder to `root` on `fs`, each file
+    as <name>~whole, written to a temporary name then moved into place (a rename on a local disk; an object store's
+    upload is whole anyway).
+    The experiment state goes last: a copy killed half-way leaves the set before it, or a newer searcher beside it,
+    which grow.reconcile_* makes agree. Returns the names written."""
+    names = [name for name in os.listdir(staging) if STATE_FILE.fullmatch(name) and WHOLE not in name]
+    states = [name for name in names if name.startswith("experiment_state-")]
+    if not states:
+        return []
+    stamp = STATE_FILE.fullmatch(max(states)).group(1)  # this driver's: its start is the newest (a resume downloads older)
+    written = []
+    for name in sorted((n for n in names if STATE_FILE.fullmatch(n).group(1) == stamp), key=lambda n: n in states):
+        stem, _, suffix = name.rpartition(".")
+        target = f"{root}/{stem}{WHOLE}.{suffix}"
+        with open(os.path.join(staging, name), "rb") as source, fs.open_output_stream(target + PART) as stream:
+            stream.write(source.read())
+        fs.move(target + PART, target)
+        written.append(f"{stem}{WHOLE}.{suffix}")
+    return written
+
+
+class WholeState(tune.Callback):
+    """Keeps a copy of Tune's saved state on storage that is always whole (copy_whole), at every save Tune makes.
+
+    Tune asks each callback for its state (get_state) as it saves, after it has written the trials' and the
+    searcher's state to its staging folder: the moment the set there is complete. No state of its own (None)."""
+
+    def __init__(self) -> None:
+        self.storage: Any = None  # the search's StorageContext, from its first trial
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.storage is None and trials:
+            self.storage = trials[0].storage
+
+    def get_state(self) -> None:
+        if self.storage is not None:  # before the first trial there is nothing to lose
+            storage = self.storage
+            try:
+                copy_whole(storage.experiment_driver_staging_path, storage.storage_filesystem, storage.experiment_fs_path)
+            except Exception as error:  # Tune's own copy still goes on: a storage hiccup never ends a search
+                print(f"warning: the search's state was not copied whole to storage ({error})", file=sys.stderr, flush=True)
