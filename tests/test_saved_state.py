@@ -100,3 +100,17 @@ def test_a_first_driver_s_state_cut_short_restores_from_the_whole_copy(local_ray
     assert saved_state.restorable(str(folder)) is None  # the newest set reads: nothing to move aside
     restored = tune.Tuner.restore(str(folder), trainable()).get_results()
     assert len(restored) == 3 and all(result.metrics["epoch"] == 2 for result in restored)
+
+
+def test_the_sets_older_than_the_one_restored_are_kept_out_of_tune_s_folder(local_ray: None, tmp_path: Path) -> None:
+    """Tune downloads every set at a restore and uploads them all at each save: three drivers, and only the newest
+    set stays in the search folder; the others are kept in superseded-state/, and the restore has every trial."""
+    for _ in range(3):
+        folder = search(tmp_path, 3)
+    first, second, third = states(folder)
+    assert saved_state.restorable(str(folder)) is None
+    assert states(folder) == [third]
+    kept = sorted(path.name for path in (folder / saved_state.SUPERSEDED).iterdir())
+    stamps = [name.removeprefix("experiment_state-").removesuffix(".json") for name in (first, second)]
+    assert kept == sorted([first, second, *(f"basic-variant-state-{stamp}.json" for stamp in stamps)])
+    assert len(tune.Tuner.restore(str(folder), trainable()).get_results()) == 3

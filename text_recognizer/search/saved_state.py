@@ -8,8 +8,10 @@ the search again from nothing under the same name (seen in the long chaos run: 4
 of 1). So, before a restore, every set newer than the newest that reads is moved aside, as <file>.unreadable (kept,
 never deleted), and Tune restores that one. The ids of the trials it holds (`trial_ids`) let the search algorithm,
 saved in another file of the set and restored from the driver's staging folder, agree with it (grow.reconcile_*).
+The sets older than the one restored go into superseded-state/ (kept): Tune downloads every .json and .pkl of the
+search folder at each restore and uploads them all again at each save.
 
-A driver's own sets all share its start as their stamp: each save overwrites the one before, on storage too. So a
+A driver's saves all share its start as their stamp: each overwrites the one before, on storage too. So a
 first driver killed mid-copy (seen in CI: SIGKILL right as a trial's second epoch reached storage) would leave no set
 that reads. `WholeState` keeps a second copy of the set, written whole or not at all: at each save, once Tune has
 written the set in the staging folder, it copies it to storage under the stamp `<stamp>~whole` (newer by name than
@@ -35,6 +37,7 @@ STATE_FILE = re.compile(r"(?:experiment_state|basic-variant-state|search_gen_sta
 EXPERIMENT_STATE = "experiment_state-{}.json"  # Tune's TuneController.CKPT_FILE_TMPL
 SET_ASIDE = ".unreadable"  # a suffix no Tune pattern matches
 WHOLE = "~whole"  # WholeState's stamp suffix: '~' sorts after every character of Tune's stamps
+SUPERSEDED = "superseded-state"  # the sets older than the one restored: Tune reads only the search folder's own files
 PART = ".part"  # a copy being written: a name no Tune pattern (nor STATE_FILE) matches
 
 
@@ -57,7 +60,9 @@ def file_names(fs: pafs.FileSystem, root: str) -> list[str]:
 
 def restorable(experiment: str, storage_filesystem: pafs.FileSystem | None = None) -> str | None:
     """Make the newest readable state set of the search at `experiment` (a path or URI) the one Tune restores, by
-    moving the newer sets aside; returns a one-line warning when it moved any, None when the newest reads."""
+    moving the newer sets aside, and the older ones into SUPERSEDED (every set would otherwise be downloaded at each
+    restore and uploaded again at each save of every later driver); returns a one-line warning when it moved newer
+    ones, None when the newest reads."""
     fs, root = get_fs_and_path(experiment, storage_filesystem)
     names = file_names(fs, root)
     sets: dict[str, list[str]] = {}
@@ -74,6 +79,11 @@ def restorable(experiment: str, storage_filesystem: pafs.FileSystem | None = Non
     newer = [name for stamp in stamps if stamp > chosen for name in sorted(sets[stamp])]
     for name in newer:
         fs.move(f"{root}/{name}", f"{root}/{name}{SET_ASIDE}")
+    older = [name for stamp in stamps if stamp < chosen for name in sorted(sets[stamp])]
+    if older:  # kept, out of the folder Tune downloads at each restore and uploads again at each save
+        fs.create_dir(f"{root}/{SUPERSEDED}")
+    for name in older:
+        fs.move(f"{root}/{name}", f"{root}/{SUPERSEDED}/{name}")
     if not newer:
         return None
     return (
