@@ -60,6 +60,7 @@ from text_recognizer.search.outputs.results import (
     write_results,
 )
 from text_recognizer.search.preemption import Preemption
+from text_recognizer.search.reuse import retrying_resets
 from text_recognizer.search.spec import SearchSpec, describe
 from text_recognizer.search.tracking.sweep import create_sweep, sweep_config
 from text_recognizer.search.tracking.wandb_logging import WandbTrialCallback, check_installed, finish_search, kept_out
@@ -541,7 +542,8 @@ def tune_environment(output: str) -> Iterator[None]:
     if output != "tune":
         tune_log.addFilter(interrupted)
     try:
-        yield
+        with retrying_resets():  # a trial whose reused actor dies as it is handed over is retried, not failed
+            yield
     finally:
         analysis.setLevel(level)
         tune_log.removeFilter(interrupted)
