@@ -71,6 +71,10 @@ space:
 # restarted by a fault trains nothing for 20-90 s, and the search goes on some 9 trials a fault: 240 trials ended
 # after 27 of 119 faults (2026-12-02), so the long schedule has 1,000 trials for its 120
 SCHEDULES = {"short": (70, 8, (2.0, 6.0)), "long": (1000, 120, (0.5, 2.5))}
+# a fork-mode trial starts and trains faster: its 70-trial search ended before 2 of its 8 faults in 5 of 6 runs
+# (2026-12-02), and a 120-trial one before 3 of them, so the short schedule samples more for it; the long one has
+# trials to spare
+FORK_SHORT_TRIALS = 120
 KEEP = 3  # --keep-checkpoints
 MAX_FAILURES = 6  # retries per trial: a trial may be hit by several faults in a row; none must end it in error
 TRIAL_FAULTS = ("worker_kill", "fork_kill", "node_replace", "storage_readonly")
@@ -151,20 +155,22 @@ def results(search_dir: Path) -> dict[str, list[dict]]:
     return {p.parent.name.removeprefix("trial_"): lines(p) for p in search_dir.glob("trial_*/result.json")}
 
 
-def running_trials(chaos: Chaos) -> list[dict]:
-    """The last result of each trial that is training now (its last epoch not done and its process alive)."""
+def running_trials(chaos: Chaos, key: str = "pid") -> list[dict]:
+    """The last result of each trial that is training now: its last epoch not done and its process alive, the
+    actor's (key pid: in fork mode the trial's own process, trial_pid, lives a second or two and is long gone when
+    storage has its rows; the actor may have been handed to the next trial since) or its fork's (trial_pid)."""
     found = []
     for rows in results(chaos.search_dir).values():
         if rows and not rows[-1].get("done"):
             chaos.pids.update(r for r in (rows[-1].get("pid"), rows[-1].get("trial_pid")) if r)
-            if psutil.pid_exists(rows[-1]["trial_pid"]):
+            if rows[-1].get(key) and psutil.pid_exists(rows[-1][key]):
                 found.append(rows[-1])
     return found
 
 
 def kill_trial(chaos: Chaos, rng: random.Random, key: str) -> bool:
     """SIGKILL a running trial's actor (key pid) or its fork (trial_pid)."""
-    trials = [row for row in running_trials(chaos) if row.get(key)]
+    trials = running_trials(chaos, key)
     if not trials:
         return False
     row = rng.choice(sorted(trials, key=lambda r: r["trial_id"]))
@@ -174,6 +180,30 @@ def kill_trial(chaos: Chaos, rng: random.Random, key: str) -> bool:
         return False
     chaos.note(f"SIGKILL {key} {row[key]} of trial {row['trial_id']} at epoch {row['training_iteration']}")
     return True
+
+
+FORK_SERVER = "text_recognizer.search.trial.forkserver"  # its command line: python -m FORK_SERVER socket ...
+
+
+def kill_fork(chaos: Chaos, rng: random.Random, within: float = 15.0) -> bool:
+    """SIGKILL a live fork-mode trial process, a child of a node's fork server, waiting up to `within` seconds for
+    one: a tiny trial's fork lives a second or two, mostly gone by the time storage has its rows (kill_trial's way)."""
+    deadline = time.time() + within
+    while time.time() < deadline and chaos.driver.poll() is None:
+        servers = [p for p in psutil.process_iter(["cmdline"]) if FORK_SERVER in (p.info["cmdline"] or [])]
+        server_pids = {p.pid for p in servers}
+        forks = sorted((p for p in servers if p.ppid() in server_pids), key=lambda p: p.pid)
+        if forks:
+            fork = rng.choice(forks)
+            try:
+                fork.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                continue
+            chaos.pids.add(fork.pid)
+            chaos.note(f"SIGKILL trial_pid {fork.pid}, a fork of the fork server {fork.ppid()}")
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def replace_node(chaos: Chaos) -> bool:
@@ -222,7 +252,7 @@ def inject(chaos: Chaos, rng: random.Random, kind: str) -> bool:
     if kind == "worker_kill":
         return kill_trial(chaos, rng, "pid")
     if kind == "fork_kill":
-        return kill_trial(chaos, rng, "trial_pid")
+        return kill_trial(chaos, rng, "trial_pid") or kill_fork(chaos, rng)
     if kind == "node_replace":
         return replace_node(chaos)
     if kind == "storage_readonly":
@@ -498,6 +528,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--folder", type=Path, default=None, help="where the searches go (default: a temporary folder)")
     args = parser.parse_args(argv)
     trials, faults, args.gaps = SCHEDULES[args.schedule]
+    trials = FORK_SHORT_TRIALS if args.schedule == "short" and args.trial_process == "fork" else trials
     args.trials, args.faults = args.trials or trials, args.faults if args.faults is not None else faults
     args.faults -= args.trial_process == "actor" and args.faults == faults  # no fork_kill without forks
     return args
