@@ -55,6 +55,11 @@ tune_mlp(sys.argv[1:])
 MILESTONES = (100, 300, 1000)  # ended trials at which a run's figures so far are recorded
 
 
+def tune_state_size(folder: Path) -> int:
+    """Bytes of Tune's own experiment state (its copies written whole, *~whole.json, hold the same)."""
+    return sum(p.stat().st_size for p in folder.glob("experiment_state-*.json") if "~whole" not in p.name)
+
+
 def ended(folder: Path, seen: set[str]) -> int:
     """Trials of the search that have ended (their result.json's last line is done); `seen` caches them."""
     for path in folder.glob("trial_*/result.json"):
@@ -83,7 +88,7 @@ def watch(process: psutil.Process, folder: Path, began: float, stop: threading.E
             count = ended(folder, done)
             for milestone in MILESTONES:
                 if count >= milestone and milestone not in seen["milestones"]:
-                    state = sum(p.stat().st_size for p in folder.glob("experiment_state-*.json"))
+                    state = tune_state_size(folder)
                     seen["milestones"][milestone] = {
                         "seconds": time.time() - began,
                         "peak_rss_mb": seen["peak"] / 2**20,
@@ -127,7 +132,7 @@ def one_search(trials: int, root: Path, data_dir: Path, profile: bool) -> dict[s
     folder = root / name
     summary = json.loads((folder / "summary.json").read_text())
     size, files = folder_size(folder)
-    state = sum(p.stat().st_size for p in folder.glob("experiment_state-*.json"))
+    state = tune_state_size(folder)
     ended_trials = sum(n for status, n in summary["statuses"].items() if status not in ("pending", "interrupted"))
     trials = ended_trials or trials  # a stopped search: per trial that ended
     figures = {
