@@ -94,12 +94,27 @@ def test_a_first_driver_s_state_cut_short_restores_from_the_whole_copy(local_ray
     """A first driver killed as Tune copied its state (seen in CI) leaves its only set of its own cut short; without
     the whole copy nothing reads (test_no_state_that_reads...), with it the search restores with all its trials."""
     folder = search(tmp_path, 3, callbacks=[saved_state.WholeState()])
-    own = states(folder)[0]
+    own, whole = states(folder)
     text = (folder / own).read_text()
     (folder / own).write_text(text[: len(text) // 2])
-    assert saved_state.restorable(str(folder)) is None  # the newest set reads: nothing to move aside
+    warning = saved_state.restorable(str(folder))
+    assert warning.endswith(
+        f"resuming from the one before ({whole.removeprefix('experiment_state-')[:-5]}); "
+        f"the unread files are kept as *{saved_state.SET_ASIDE}"
+    ), warning
+    assert states(folder) == [f"{own}{saved_state.SET_ASIDE}", whole]
     restored = tune.Tuner.restore(str(folder), trainable()).get_results()
     assert len(restored) == 3 and all(result.metrics["epoch"] == 2 for result in restored)
+
+
+def test_tune_s_own_copy_restores_when_it_reads_and_the_whole_one_is_kept_aside(local_ray: None, tmp_path: Path) -> None:
+    """Tune's own copy holds its newest save; the whole one, copied every WHOLE_EVERY_S, can be older."""
+    folder = search(tmp_path, 3, callbacks=[saved_state.WholeState()])
+    own, whole = states(folder)
+    assert saved_state.restorable(str(folder)) is None
+    assert states(folder) == [own] and (folder / saved_state.SUPERSEDED / whole).is_file()
+    assert saved_state.trial_ids(str(folder)) == trial_ids_in(folder / own)
+    assert len(tune.Tuner.restore(str(folder), trainable()).get_results()) == 3
 
 
 def test_the_sets_older_than_the_one_restored_are_kept_out_of_tune_s_folder(local_ray: None, tmp_path: Path) -> None:
