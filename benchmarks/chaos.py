@@ -52,6 +52,7 @@ os.environ.pop("RAY_ADDRESS", None)
 import psutil  # noqa: E402
 
 from text_recognizer.facts import CHECKPOINT_NAME, TrialStatus  # noqa: E402
+from text_recognizer.search.trial import forkserver  # noqa: E402
 
 NAME = "chaos"
 # the smoke space (text_recognizer/search/configs/smoke.yaml), random: many small trials of up to 3 epochs
@@ -181,7 +182,7 @@ def kill_trial(chaos: Chaos, rng: random.Random, key: str) -> bool:
     return True
 
 
-FORK_SERVER = "text_recognizer.search.trial.forkserver"  # its command line: python -m FORK_SERVER socket ...
+FORK_SERVER = forkserver.__name__  # its command line: python -m FORK_SERVER socket ...
 
 
 def kill_fork(chaos: Chaos, rng: random.Random, within: float = 15.0) -> bool:
