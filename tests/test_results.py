@@ -286,3 +286,45 @@ def test_an_interrupted_search_deletes_no_checkpoint(tmp_path: Path) -> None:
     rows[0]["status"] = "interrupted"
     assert keep_best_trials(results, rows, "b", "val_acc", "max", 1) is None
     assert len(list((tmp_path / "s").glob("trial_*/checkpoint_*"))) == 2
+
+
+WRITER = """
+import itertools, json, sys
+from pathlib import Path
+from text_recognizer.facts import write_whole
+path, texts = Path(sys.argv[1]), [json.dumps({{"part": i, "pad": "x" * 4_000_000}}) for i in range(2)]
+print("ready", flush=True)
+for i in itertools.count():
+    {write}(path, texts[i % 2])
+"""
+
+
+def killed_while_writing(tmp_path: Path, write: str, kills: int = 12) -> list[str]:
+    """SIGKILL a process that rewrites a 4 MB JSON file in a loop, `kills` times at random moments; what each kill
+    left in the file: "whole" (it parses) or the error that reading it raised."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path, left = tmp_path / "search.json", []
+    for _ in range(kills):
+        command = [sys.executable, "-c", WRITER.format(write=write), str(path)]
+        writer = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline() == "ready\n"
+        time.sleep(random.uniform(0.05, 0.4))
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        try:
+            left.append("whole" if json.loads(path.read_text())["part"] in (0, 1) else "wrong")
+        except (ValueError, FileNotFoundError) as error:
+            left.append(type(error).__name__)
+    return left
+
+
+def test_a_driver_file_killed_mid_write_holds_the_old_text_or_the_new(tmp_path: Path) -> None:
+    # the driver writes search.json, summary.json and trials.csv with write_whole; a --resume reads them after any kill
+    # (last CI: a grown search SIGKILLed while search.json was rewritten left it empty, and --resume failed)
+    assert killed_while_writing(tmp_path, "write_whole") == ["whole"] * 12
+    assert sorted(path.name for path in tmp_path.iterdir()) in (["search.json"], [".search.json.part", "search.json"])

@@ -7,6 +7,7 @@ the bottom of the import graph.
 from __future__ import annotations
 
 import enum
+import os
 import re
 import shlex
 from pathlib import Path
@@ -33,6 +34,16 @@ FASHION_MNIST_MD5 = {
 _ROOT = Path(__file__).resolve().parents[1]
 # the repository when the package runs from a checkout (editable install), else None (installed in site-packages)
 CHECKOUT = _ROOT if (_ROOT / "pyproject.toml").is_file() and (_ROOT / SEARCH_SCRIPT).is_file() else None
+
+
+def write_whole(path: Path | str, text: str) -> None:
+    """Write a file so that a reader, or a driver killed mid-write, finds the old text or the new, never a part:
+    a temporary name beside it, then a rename (atomic on one filesystem). A resume reads these files after any kill.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.part")  # one writer per file (one driver per search): a fixed name
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def config_to_argv(config: dict[str, Any]) -> list[str]:

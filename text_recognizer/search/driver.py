@@ -33,6 +33,7 @@ from text_recognizer.facts import (
     resume_command,
     search_ended,
     with_precision,
+    write_whole,
 )
 from text_recognizer.search import confirm, saved_state, storage
 from text_recognizer.search.cluster import ray_cluster
@@ -431,7 +432,7 @@ def open_folder(spec: SearchSpec) -> dict[str, Any]:
     }
     if spec.wandb_mode == "online" and not record["sweep_id"]:  # offline, `sync FOLDER` makes the sweep later
         record["sweep_id"] = create_sweep(sweep_config(spec.name, spec.config), spec.wandb_project)
-    (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
+    write_whole(spec.folder / SEARCH_FILE, json.dumps(record, indent=2))
     if spec.storage:  # from now on --resume works from the URI alone
         storage.upload_driver_files(spec.folder, spec.storage)
     return record
@@ -495,7 +496,7 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
     part["wall_seconds"] += elapsed
     if budget_spent(part):  # the trials it stopped stay stopped_by_budget (or not_started) in every later part
         record["budget_stopped"] = sorted(set(record["budget_stopped"]) | unfinished(grid))
-    (spec.folder / SEARCH_FILE).write_text(json.dumps(record, indent=2))
+    write_whole(spec.folder / SEARCH_FILE, json.dumps(record, indent=2))
     if spec.storage:  # the trials' logs (not their checkpoints) for the results and the report
         storage.download(spec.storage, spec.folder, storage.is_trial_file)
     # ended trials whose run missed a write here, or that a killed driver left without its end

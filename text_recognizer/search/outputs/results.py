@@ -31,6 +31,7 @@ from text_recognizer.facts import (
     search_sync_command,
     trial_status,
     with_precision,
+    write_whole,
 )
 from text_recognizer.search.spec import TOP_TRIALS, SearchSpec
 
@@ -238,8 +239,8 @@ def write_results(summary: dict[str, Any], folder: Path) -> None:
     """summary.json and trials.csv (one row per trial, its config flattened into columns)."""
     rows = summary["trials"]
     flat = [{**{k: v for k, v in row.items() if k != "config"}, **row["config"]} for row in rows]
-    pd.DataFrame(flat).to_csv(folder / "trials.csv", index=False)
-    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    write_whole(folder / "trials.csv", pd.DataFrame(flat).to_csv(index=False))
+    write_whole(folder / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
 
 
 def ranked(summary: dict[str, Any]) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ import torch
 from pytorch_lightning.callbacks import Checkpoint
 
 import text_recognizer
-from text_recognizer.facts import CHECKPOINT_NAME, HISTORY_NAME, config_to_argv
+from text_recognizer.facts import CHECKPOINT_NAME, HISTORY_NAME, config_to_argv, write_whole
 from text_recognizer.training import EpochTimer, epoch_metrics, parse_args, test_checkpoint, train
 
 # report(metrics, checkpoint folder): returns once Tune took the epoch; the folder is the reporter's to remove
@@ -112,8 +112,7 @@ class ReportCallback(EpochTimer, Checkpoint):
 def save_history(history: list[dict[str, Any]], directory: str) -> None:
     """Every epoch's metrics up to this checkpoint, beside its model file: a trial restored from it can hand the
     driver an epoch whose result Tune never delivered (its checkpoint kept, its worker killed before the result)."""
-    with open(os.path.join(directory, HISTORY_NAME), "w") as file:
-        json.dump(history, file)
+    write_whole(os.path.join(directory, HISTORY_NAME), json.dumps(history))
 
 
 def restored_history(checkpoint: str | None) -> list[dict[str, Any]]:
