@@ -536,11 +536,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from text_recognizer.data.mnist import FashionMNIST
+    from text_recognizer.data.raw_files import FashionMNISTFiles
 
     root = args.folder or Path(tempfile.mkdtemp(prefix="chaos-"))
     data_dir = root / "data"
-    FashionMNIST.ensure_raw_files(data_dir)
+    FashionMNISTFiles.ensure_raw_files(data_dir)
     mount = can_mount()
     if not mount:
         print("chaos: no storage_readonly faults: this process can't bind-mount a folder read-only (needs CAP_SYS_ADMIN)")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.run import DEFAULT_RUN, FASHION_CONFIG, MODES, _trial_results, ours, plain_loop_seconds_per_epoch  # noqa: E402
-from text_recognizer.data import FashionMNIST  # noqa: E402
+from text_recognizer.data.mnist import FashionMNIST  # noqa: E402
 
 # a step's expected seconds on one H200 (guesses until the first run: used only to skip what --budget-s can't fit)
 EXPECTED_SECONDS = {"one": 45, "search": 150, "pack": 45}

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import _trial_results, plain_loop_seconds_per_epoch  # noqa: E402
-from text_recognizer.data import FashionMNIST  # noqa: E402
+from text_recognizer.data.mnist import FashionMNIST  # noqa: E402
 
 FASHION_CONFIG = ROOT / "experiments" / "fashion_mlp_asha.yaml"
 # what each comparison varies: arm -> (config keys it sets, e.g. the search_alg; extra run flags)

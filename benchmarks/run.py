@@ -29,7 +29,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from text_recognizer.data import FashionMNIST  # noqa: E402
+from text_recognizer.data.mnist import FashionMNIST  # noqa: E402
 from text_recognizer.training import native_bf16  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -181,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="run each driver under cProfile and print its top functions")
     parser.add_argument("--folder", type=Path, default=None, help="where the searches go (default: a temporary folder)")
     args = parser.parse_args(argv)
-    from text_recognizer.data.mnist import FashionMNIST
+    from text_recognizer.data.raw_files import FashionMNISTFiles
 
     root = args.folder or Path(tempfile.mkdtemp(prefix="scale-"))
     root.mkdir(parents=True, exist_ok=True)
     data_dir = root / "data"
-    FashionMNIST.ensure_raw_files(data_dir)
+    FashionMNISTFiles.ensure_raw_files(data_dir)
     print(f"scale: {args.trials} trials, in {root}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     figures = []
     for trials in args.trials:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import write_idx, write_tiny_mnist
 
-from text_recognizer.data import MNIST, FashionMNIST
 from text_recognizer.data.base_data_module import EVAL_BATCH_SIZE, BatchLoader
-from text_recognizer.data.mnist import IDX_FILES, copy_verified
+from text_recognizer.data.mnist import MNIST, FashionMNIST
+from text_recognizer.data.raw_files import IDX_FILES, copy_verified
 from text_recognizer.util import UserError
 
 UNREACHABLE = ["http://127.0.0.1:9/"]  # the discard port: a download attempt fails at once, without any network
@@ -268,7 +268,7 @@ def test_copy_verified_without_all_files_copies_nothing(tmp_path: Path) -> None:
 
 def test_mnist_without_files_or_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # only the mirrors change, so that the real download code runs and fails at once
-    monkeypatch.setattr(MNIST.dataset_class, "mirrors", UNREACHABLE)
+    monkeypatch.setattr(MNIST.torchvision_dataset(), "mirrors", UNREACHABLE)
     data_dir = tmp_path / "empty"
     start = time.monotonic()
     with pytest.raises(UserError) as error:
@@ -300,6 +300,21 @@ def test_real_fashion_mnist(fashion_dir: Path) -> None:
     assert abs(float(x_train.mean())) < 0.02 and abs(float(x_train.std()) - 1) < 0.02
 
 
+def test_the_raw_files_decode_to_what_torchvision_reads(fashion_dir: Path) -> None:
+    # raw_files decodes without torchvision (the driver never imports it); the arrays must be those that the data
+    # modules made from torchvision's FashionMNIST before: the same images, labels and split, bit for bit
+    import torch
+
+    arrays = FashionMNIST.load_arrays(fashion_dir)
+    train = FashionMNIST.torchvision_dataset()(str(fashion_dir), train=True, download=False)
+    test = FashionMNIST.torchvision_dataset()(str(fashion_dir), train=False, download=False)
+    x = ((train.data.float() / 255.0 - FashionMNIST.mean) / FashionMNIST.std).unsqueeze(1)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(42))
+    assert np.array_equal(arrays["x_train"], x[order[:55_000]].numpy())
+    assert np.array_equal(arrays["y_val"], train.targets[order[55_000:]].numpy())
+    assert np.array_equal(arrays["y_test"], test.targets.numpy())
+
+
 def test_mnist_raw_file_is_checked_against_its_downloaded_gz(tmp_path: Path) -> None:
     """A .gz that is not torchvision's is caught; so is a raw file of the right size but other bytes than its .gz."""
     import hashlib
@@ -316,7 +331,7 @@ def test_mnist_raw_file_is_checked_against_its_downloaded_gz(tmp_path: Path) -> 
     # a dataset whose listed md5 is this .gz's: the .gz passes, then the raw bytes are compared with it
     gz_md5 = hashlib.md5((raw / f"{name}.gz").read_bytes()).hexdigest()
     listed = type("Listed", (torchvision.datasets.MNIST,), {"resources": [(f"{name}.gz", gz_md5)]})
-    module = type("ListedMNIST", (MNIST,), {"dataset_class": listed})
+    module = type("ListedMNIST", (MNIST,), {"dataset_name": "Listed", "torchvision_dataset": classmethod(lambda cls: listed)})
     write_tiny_mnist(tmp_path, "Listed")
     (tmp_path / "Listed" / "raw" / f"{name}.gz").write_bytes((raw / f"{name}.gz").read_bytes())
     module.ensure_raw_files(tmp_path)

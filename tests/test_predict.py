@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from text_recognizer.data import FashionMNIST
+from text_recognizer.data.mnist import FashionMNIST
 from text_recognizer.predict import load_model, main
 from text_recognizer.training import fit_and_test, parse_args
 

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, runs_written_here
 
 from text_recognizer.cli import run_experiment
-from text_recognizer.data.mnist import IDX_FILES
+from text_recognizer.data.raw_files import IDX_FILES
 
 SCRIPT = ROOT / "training" / "run_experiment.py"
 

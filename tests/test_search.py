@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import ROOT, TRIAL_PROCESSES, finish, results, summary_of
 
-from text_recognizer.data import FashionMNIST
+from text_recognizer.data.mnist import FashionMNIST
 from text_recognizer.search.tracking.sweep import prior_run_ids, wandb_sync_argv
 from text_recognizer.search.tracking.wandb_files import offline_runs
 from text_recognizer.training import fit_and_test, parse_args, resolve_precision

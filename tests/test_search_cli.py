@@ -280,15 +280,15 @@ def refuse_in_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, args: list[str], *needles: str
 ) -> str:
     """tune_mlp(argv) in this process: SystemExit(2), one stderr line, Ray never started, storage untouched."""
+    from text_recognizer import flags
     from text_recognizer.cli import tune_mlp
-    from text_recognizer.data import base_data_module
     from text_recognizer.search import driver
 
     def no_ray(address: str | None) -> None:
         raise RayStarted
 
     monkeypatch.setattr(driver, "ray_cluster", no_ray)
-    monkeypatch.setattr(base_data_module, "DATA_DIRNAME", tmp_path / "no-data")
+    monkeypatch.setattr(flags, "DATA_DIRNAME", tmp_path / "no-data")
     storage = tmp_path / "storage"
     before = snapshot(storage)
     capsys.readouterr()

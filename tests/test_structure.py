@@ -90,9 +90,29 @@ def test_leaf_modules_import_only_the_standard_library(module: str) -> None:
     assert not {name for name in loaded if not name.startswith("_")}, loaded
 
 
+LIGHTNING = {"torch", "torchvision", "pytorch_lightning", "lightning_fabric", "torchmetrics"}
+
+
 def test_a_fork_mode_tune_actor_never_loads_torch() -> None:
     loaded = modules_after_import("text_recognizer.search.trial.tune_actor")
-    assert "ray" in loaded and not loaded & {"torch", "pytorch_lightning", "lightning_fabric", "torchmetrics"}
+    assert "ray" in loaded and not loaded & LIGHTNING
+
+
+def test_a_search_driver_starts_without_torch_or_lightning() -> None:
+    # they were 5.3 of the driver's 6.8 s of imports: the run flags come from flags.py, the data from raw_files.py
+    assert not modules_after_import("text_recognizer.search.driver") & LIGHTNING
+    assert not modules_after_import("text_recognizer.flags") & (LIGHTNING | {"ray", "numpy"})
+
+
+def test_every_data_and_model_class_has_its_flags_and_raw_files() -> None:
+    from text_recognizer.data.raw_files import RAW_FILES
+    from text_recognizer.flags import DATA_FLAGS, MODEL_FLAGS
+    from text_recognizer.models import MODEL_CLASSES
+    from text_recognizer.training import DATA_CLASSES
+
+    assert set(DATA_CLASSES) == set(DATA_FLAGS) == set(RAW_FILES) and set(MODEL_CLASSES) == set(MODEL_FLAGS)
+    for name, data_class in DATA_CLASSES.items():
+        assert issubclass(data_class, RAW_FILES[name]) and RAW_FILES[name].dataset_name == name
 
 
 SEARCH = "text_recognizer.search"

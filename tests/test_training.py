@@ -28,7 +28,7 @@ def test_a_healthy_run_trains_every_epoch(tiny_data_dir: Path) -> None:
 
 def test_a_trial_reports_every_epoch_with_a_checkpoint_and_resumes_from_it(tiny_data_dir: Path, tmp_path: Path) -> None:
     """The trial's training, called as the Tune actor calls it, with a report function that keeps what it gets."""
-    from text_recognizer.data import MNIST
+    from text_recognizer.data.mnist import MNIST
 
     arrays = MNIST.load_arrays(tiny_data_dir)
     for array in arrays.values():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -10,6 +12,11 @@ from typing import Any
 
 from text_recognizer.facts import SEARCH_FILE
 from text_recognizer.util import UserError, check_versions, fail
+
+# Registered before W&B, Ray or torch register theirs, so it runs after them, last: the objects left are then never
+# collected while the interpreter tears down (with torch and Lightning loaded, that collection took 1.9-2.7 s of each
+# search's and run's exit; 0.3 s frozen). Nothing of ours needs a collection at exit: every file is closed by then.
+atexit.register(gc.freeze)
 
 
 def run_experiment(argv: Sequence[str] | None = None) -> dict[str, Any]:

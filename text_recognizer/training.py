@@ -1,4 +1,4 @@
-"""Run flags and the one training function.
+"""The one training function, and the checks of run flags (flags.py) that need torch.
 
 `train()` builds data, model, LitModel and Trainer from run flags and fits: the single run
 (`fit_and_test`, below) and every search trial (search/trial/trial_process.py) call it, and differ only in
@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import netrc
 import os
 import time
-import urllib.parse
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,79 +20,21 @@ import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
-from text_recognizer.data import DATA_CLASSES
 from text_recognizer.data.base_data_module import Arrays, BaseDataModule
-from text_recognizer.facts import CHECKOUT, WANDB_PROJECT
+from text_recognizer.data.mnist import MNIST, FashionMNIST
+from text_recognizer.flags import build_parser, default_wandb_mode
 from text_recognizer.lit_models import BaseLitModel
 from text_recognizer.models import MODEL_CLASSES
-from text_recognizer.util import Parser, UserError, positive_int
+from text_recognizer.util import UserError
 
-DATA_CLASS = "MNIST"
-MODEL_CLASS = "MLP"
-MAX_EPOCHS = 5
-SEED = 42
 EARLY_STOPPING_PATIENCE = 10
 MONITOR = "val_loss"  # the lab's metric for early stopping and the best checkpoint of a single run
-# auto: bf16-mixed where the run's device computes bfloat16 natively, else 32-true (resolve_precision); on a CPU
-# without bf16 units autocast only adds casts, so it is never picked there
-PRECISION = "auto"
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 # CPU flags of native bfloat16 arithmetic: x86's AVX512-BF16 and AMX-BF16, Arm's BF16 (FEAT_BF16)
 CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 # bf16-mixed keeps float32 weights, so the summary's float32 sizes are right: not a warning in every bf16 run
 warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
-# training/logs/ in a checkout; an installed package writes its runs' logs under the working folder
-LOG_DIR = CHECKOUT / "training" / "logs" if CHECKOUT else Path("logs") / "runs"
-
-
-def batches(text: str) -> int | float:
-    """argparse type for Lightning's limit_*/overfit_batches: an int count or a float fraction."""
-    value = float(text) if "." in text else int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _add_trainer_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("Trainer Args")
-    group.add_argument("--max_epochs", type=positive_int, default=MAX_EPOCHS, help=f"default {MAX_EPOCHS}")
-    group.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto", help="default auto")
-    group.add_argument("--devices", default="auto", help="devices per run (default auto)")
-    group.add_argument("--gpus", type=int, default=None, help="old spelling of --accelerator=gpu --devices=N; 0 means CPU")
-    group.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=PRECISION,
-        help="Lightning precision; auto (default): bf16-mixed where the device computes bfloat16 natively, else 32-true",
-    )
-    for split in ("train", "val", "test"):
-        group.add_argument(f"--limit_{split}_batches", type=batches, default=1.0, help="batches per epoch: int or fraction")
-    group.add_argument("--overfit_batches", type=batches, default=0.0, help="train and validate on this many batches")
-    group.add_argument("--fast_dev_run", type=int, nargs="?", const=1, default=0, help="run N batches of each stage")
-    group.add_argument("--deterministic", action="store_true", help="use deterministic algorithms")
-    group.add_argument("--check_val_every_n_epoch", type=positive_int, default=1)
-    group.add_argument("--gradient_clip_val", type=float, default=None)
-    group.add_argument("--log_every_n_steps", type=positive_int, default=50)
-    group.add_argument("--seed", type=int, default=SEED, help=f"seed for torch, numpy and python (default {SEED})")
-    group.add_argument("--load_checkpoint", type=str, default=None, help="start from the weights of this checkpoint")
-    group.add_argument("--log_dir", type=str, default=str(LOG_DIR), help=f"where runs write logs and checkpoints ({LOG_DIR})")
-    group.add_argument("--wandb", action="store_true", help="log the run to W&B (offline without credentials)")
-    group.add_argument("--wandb_project", type=str, default=WANDB_PROJECT)
-
-
-def build_parser(argv: Sequence[str] | None = None, prog: str = "run_experiment.py") -> Parser:
-    """The run parser, with the Data, Model and LitModel flags of the classes that `argv` chooses."""
-    parser = Parser(prog=prog, add_help=False, description="Train one model on one dataset, then test it.")
-    _add_trainer_args(parser)
-    parser.add_argument("--data_class", choices=sorted(DATA_CLASSES), default=DATA_CLASS, help=f"default {DATA_CLASS}")
-    parser.add_argument("--model_class", choices=sorted(MODEL_CLASSES), default=MODEL_CLASS, help=f"default {MODEL_CLASS}")
-    # first pass: which classes? (-h comes last, so help shows the chosen classes' flags)
-    known, _ = parser.parse_known_args(argv)
-    DATA_CLASSES[known.data_class].add_to_argparse(parser.add_argument_group("Data Args"))
-    MODEL_CLASSES[known.model_class].add_to_argparse(parser.add_argument_group("Model Args"))
-    BaseLitModel.add_to_argparse(parser.add_argument_group("LitModel Args"))
-    parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
-    return parser
+# the classes --data_class and --model_class name; their flags: flags.DATA_FLAGS, flags.MODEL_FLAGS
+DATA_CLASSES: dict[str, type[BaseDataModule]] = {"MNIST": MNIST, "FashionMNIST": FashionMNIST}
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str = "run_experiment.py") -> argparse.Namespace:
@@ -152,32 +92,6 @@ def resolve_precision(precision: str, gpu: bool) -> str:
     if precision != "auto":
         return precision
     return "bf16-mixed" if native_bf16(gpu) else "32-true"
-
-
-def default_wandb_mode() -> str:
-    """WANDB_MODE if set, else online when W&B credentials exist for the configured server, else offline."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    return "online" if netrc_has_key(wandb_host()) else "offline"
-
-
-def wandb_host() -> str:
-    """The W&B server's host name: WANDB_BASE_URL's (a self-hosted server), else W&B's cloud, as the SDK picks it."""
-    url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
-    return urllib.parse.urlsplit(url if "://" in url else f"https://{url}").hostname or url
-
-
-def netrc_has_key(host: str) -> bool:
-    """Whether the netrc file that `wandb login` writes ($NETRC, else ~/.netrc) holds a key for `host`. Read with
-    the standard library: importing W&B to ask it costs a second, and a --wandb-mode disabled search never does."""
-    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
-    try:
-        entry = netrc.netrc(str(path)).authenticators(host) if path.is_file() else None
-    except (netrc.NetrcParseError, OSError):
-        return False
-    return bool(entry and entry[2])  # the key is the entry's password
 
 
 class EpochTimer(Callback):

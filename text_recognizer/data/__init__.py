@@ -1,8 +1,2 @@
-"""Data modules, looked up by name: never imported from a user-given string."""
-
-from text_recognizer.data.base_data_module import BaseDataModule
-from text_recognizer.data.mnist import MNIST, FashionMNIST
-
-DATA_CLASSES: dict[str, type[BaseDataModule]] = {"MNIST": MNIST, "FashionMNIST": FashionMNIST}
-
-__all__ = ["DATA_CLASSES", "BaseDataModule", "FashionMNIST", "MNIST"]
+"""Data: raw_files.py fetches, checks and decodes the raw files (no Lightning: a search's driver uses it);
+base_data_module.py and mnist.py make them Lightning DataModules. training.DATA_CLASSES looks them up by name."""

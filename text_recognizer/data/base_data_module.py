@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,19 +13,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from text_recognizer.facts import CHECKOUT
-from text_recognizer.util import positive_int
+from text_recognizer.data.raw_files import Arrays
+from text_recognizer.flags import BATCH_SIZE, NUM_WORKERS, data_dir  # the flags: flags.add_data_flags
 
-BATCH_SIZE = 128
-NUM_WORKERS = 0
 EVAL_BATCH_SIZE = 4096  # evaluation has no backward pass: big batches cut the per-step overhead
-# data/downloaded/ in a checkout; an installed package never writes into site-packages: ~/.cache instead
-DEFAULT_DATA = CHECKOUT / "data" / "downloaded" if CHECKOUT else Path.home() / ".cache" / "text-recognizer" / "data"
-DATA_DIRNAME = Path(os.environ.get("TEXT_RECOGNIZER_DATA_DIR", DEFAULT_DATA))
-
-# The arrays a data module is made of: normalized float32 images (N, C, H, W) and int64 labels,
-# keyed x_train, y_train, x_val, y_val, x_test, y_test.
-Arrays = dict[str, np.ndarray]
 
 
 class BatchLoader:
@@ -77,22 +67,10 @@ class BaseDataModule(pl.LightningDataModule):
         self.args = vars(args) if args is not None else {}
         self.batch_size = self.args.get("batch_size", BATCH_SIZE)
         self.num_workers = self.args.get("num_workers", NUM_WORKERS)
-        self.data_dir = Path(self.args.get("data_dir") or DATA_DIRNAME)
+        self.data_dir = data_dir(self.args.get("data_dir"))
         self.seed = self.args.get("seed", 0)
         self.arrays = arrays  # given by a search, which decodes the data once per node
         self.tensors: dict[str, torch.Tensor] = {}
-
-    @staticmethod
-    def add_to_argparse(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument("--batch_size", type=positive_int, default=BATCH_SIZE, help=f"default {BATCH_SIZE}")
-        parser.add_argument(
-            "--num_workers",
-            type=int,
-            default=NUM_WORKERS,
-            help="DataLoader worker processes; 0 (default) slices batches from memory in-process, the fastest here",
-        )
-        parser.add_argument("--data_dir", type=str, default=None, help=f"where the raw files live (default {DATA_DIRNAME})")
-        return parser
 
     def config(self) -> dict[str, Any]:
         """What a model (and a prediction) may know about its data: input dims, output dims, the class mapping and

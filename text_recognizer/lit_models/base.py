@@ -10,19 +10,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from text_recognizer.util import non_negative_float, positive_float, positive_int
-
-OPTIMIZER = "Adam"
-LR = 1e-3
-ONE_CYCLE_TOTAL_STEPS = 100
-WEIGHT_DECAY = 0.0
-# how the learning rate moves over a run's own steps (max_epochs x batches), from --lr:
-# constant; cosine: down to 0; one_cycle: up to --lr and down (torch's OneCycleLR)
-LR_SCHEDULES = ("constant", "cosine", "one_cycle")
-LOSS = "cross_entropy"
-# Names a user may give; looked up in torch.optim / torch.nn.functional, never arbitrary attributes.
-OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "NAdam", "RAdam")
-LOSSES = ("cross_entropy", "nll_loss", "multi_margin_loss")
+# its defaults; its flags: flags.add_lit_model_flags
+from text_recognizer.flags import LOSS, LOSSES, LR, LR_SCHEDULES, ONE_CYCLE_TOTAL_STEPS, OPTIMIZER, OPTIMIZERS, WEIGHT_DECAY
 
 
 class BaseLitModel(pl.LightningModule):
@@ -51,28 +40,6 @@ class BaseLitModel(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.loss_sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-
-    @staticmethod
-    def add_to_argparse(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZER, help=f"torch.optim class (default {OPTIMIZER})")
-        parser.add_argument("--lr", type=positive_float, default=LR, help=f"learning rate (default {LR})")
-        parser.add_argument(
-            "--weight_decay", type=non_negative_float, default=WEIGHT_DECAY, help=f"optimizer weight decay ({WEIGHT_DECAY})"
-        )
-        parser.add_argument(
-            "--lr_schedule",
-            choices=LR_SCHEDULES,
-            default=LR_SCHEDULES[0],
-            help="learning rate over the run's steps: constant (default), cosine to 0, one_cycle peaking at --lr",
-        )
-        parser.add_argument(
-            "--one_cycle_max_lr", type=positive_float, default=None, help="the lab's OneCycleLR: this max lr, fixed steps"
-        )
-        parser.add_argument(
-            "--one_cycle_total_steps", type=positive_int, default=ONE_CYCLE_TOTAL_STEPS, help="OneCycleLR total steps"
-        )
-        parser.add_argument("--loss", choices=LOSSES, default=LOSS, help=f"torch.nn.functional loss (default {LOSS})")
-        return parser
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_class(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -9,11 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from text_recognizer.util import positive_int, probability
-
-FC1_DIM = 1024
-FC2_DIM = 128
-DROPOUT = 0.5
+from text_recognizer.flags import DROPOUT, FC1_DIM, FC2_DIM  # its flags: flags.add_mlp_flags
 
 
 class MLP(nn.Module):
@@ -36,12 +32,3 @@ class MLP(nn.Module):
         x = self.dropout(torch.relu(self.fc1(x)))
         x = self.dropout(torch.relu(self.fc2(x)))
         return self.fc3(x)
-
-    @staticmethod
-    def add_to_argparse(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument("--fc1", type=positive_int, default=FC1_DIM, help=f"first hidden layer width (default {FC1_DIM})")
-        parser.add_argument("--fc2", type=positive_int, default=FC2_DIM, help=f"second hidden layer width (default {FC2_DIM})")
-        parser.add_argument(
-            "--dropout", type=probability, default=DROPOUT, help=f"dropout after each hidden layer (default {DROPOUT})"
-        )
-        return parser

@@ -10,9 +10,7 @@ from typing import Any
 
 import yaml
 
-from text_recognizer.data import DATA_CLASSES
-from text_recognizer.models import MODEL_CLASSES
-from text_recognizer.training import DATA_CLASS, MODEL_CLASS, build_parser
+from text_recognizer.flags import DATA_CLASS, DATA_FLAGS, MODEL_CLASS, MODEL_FLAGS, build_parser
 from text_recognizer.util import UserError
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # shipped with the package; experiments/ links here
@@ -205,7 +203,7 @@ def _run_flags(fixed: dict[str, Any], path: Path, bad: Any) -> dict[str, argpars
     for key in fixed:
         if key in NOT_SEARCHABLE:
             raise bad(f"fixed.{key}", "is set by the search itself" + (" (scheduler.max_t)" if key == "max_epochs" else ""))
-    for key, registry in (("data_class", DATA_CLASSES), ("model_class", MODEL_CLASSES)):
+    for key, registry in (("data_class", DATA_FLAGS), ("model_class", MODEL_FLAGS)):
         if key in fixed and fixed[key] not in registry:
             raise bad(f"fixed.{key}", f"unknown class {fixed[key]!r} (known: {', '.join(sorted(registry))})")
     parser = build_parser(

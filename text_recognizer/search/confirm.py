@@ -14,8 +14,8 @@ import statistics
 from typing import Any
 
 from text_recognizer.facts import TrialStatus
+from text_recognizer.flags import SEED
 from text_recognizer.search.outputs.results import finite, ranked
-from text_recognizer.training import SEED
 
 ORIGIN_KEY = "confirm_of"  # a confirm run's W&B config: the search trial whose config it repeats
 

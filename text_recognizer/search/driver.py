@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -22,7 +24,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from text_recognizer.data import DATA_CLASSES
+from text_recognizer.data.raw_files import RAW_FILES
 from text_recognizer.facts import (
     CHECKPOINT_NAME,
     SEARCH_FILE,
@@ -35,6 +37,7 @@ from text_recognizer.facts import (
     with_precision,
     write_whole,
 )
+from text_recognizer.flags import DATA_CLASS, data_dir
 from text_recognizer.search import confirm, saved_state, storage
 from text_recognizer.search.cluster import ray_cluster
 from text_recognizer.search.failfast import FIRST, FailFast
@@ -66,7 +69,6 @@ from text_recognizer.search.spec import SearchSpec, describe
 from text_recognizer.search.tracking.sweep import create_sweep, sweep_config
 from text_recognizer.search.tracking.wandb_logging import WandbTrialCallback, check_installed, finish_search, kept_out
 from text_recognizer.search.trial import tune_actor
-from text_recognizer.training import DATA_CLASS
 
 # while a trial runs: its two best by the metric and (Tune always keeps it) its newest, for resuming. Not one: Tune
 # deletes a checkpoint as soon as a better one comes, and a state file synced a little earlier (a URI storage,
@@ -101,12 +103,13 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if confirmed["interrupted"]:  # --resume with the same --confirm restores the confirm experiment
                 summary["interrupted"] = True
                 summary["resume_command"] = resume_command(spec.name, spec.where) + f" --confirm {top_k_seeds(spec)}"
-    write_results(summary, spec.folder)  # 5. summary.json, trials.csv and
-    with ThreadPoolExecutor(1, thread_name_prefix="report") as pool:  # report/report.html, its figures drawn
-        report = pool.submit(write_report, spec.folder, summary)  #    while W&B logs the summary run
-        if spec.wandb_mode != "disabled" and not summary["interrupted"]:  # a resumed search logs it once, at its end
-            finish_search(spec, summary, summary["wandb"].get("sweep_id"))  # 6. the W&B summary run; the sweep stops
-        report.result()
+        write_results(summary, spec.folder)  # 5. summary.json, trials.csv and report/report.html, its figures
+        pool = ThreadPoolExecutor(1, thread_name_prefix="report")  #  drawn while Ray shuts down (1.4-2 s each)
+        report = pool.submit(write_report, spec.folder, summary)  #    and W&B logs the summary run
+    if spec.wandb_mode != "disabled" and not summary["interrupted"]:  # a resumed search logs it once, at its end
+        finish_search(spec, summary, summary["wandb"].get("sweep_id"))  # 6. the W&B summary run; the sweep stops
+    report.result()
+    pool.shutdown()
     if spec.storage:  # the driver's own files beside Tune's: --resume, anywhere, needs only the URI
         storage.upload_driver_files(spec.folder, spec.storage)
     print_report(summary, spec.top)  # 7.
@@ -132,11 +135,10 @@ def budget_spent(part: dict[str, Any]) -> bool:
 def load_data(spec: SearchSpec) -> Future:
     """The search's dataset: its files checked here (a missing or corrupt one is a UserError), then decoded and
     normalized in a thread, while Ray starts; the future's result: numpy arrays keyed x_train, y_train, ..."""
-    data_class = DATA_CLASSES[spec.config.fixed.get("data_class", DATA_CLASS)]
-    data_dir = Path(spec.config.fixed["data_dir"]) if spec.config.fixed.get("data_dir") else data_class(None).data_dir
-    data_class.ensure_raw_files(data_dir)
+    raw_files, folder = RAW_FILES[spec.config.fixed.get("data_class", DATA_CLASS)], data_dir(spec.config.fixed.get("data_dir"))
+    raw_files.ensure_raw_files(folder)
     pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
-    decoding = pool.submit(data_class.decode_arrays, data_dir)
+    decoding = pool.submit(raw_files.decode_arrays, folder)
     pool.shutdown(wait=False)  # the thread ends with the decoding
     return decoding
 
@@ -145,9 +147,7 @@ def test_winner(spec: SearchSpec, best: dict | None, data: ray.ObjectRef, ended:
     """The best trial (chosen on val) with its checkpoint's test_acc and test_loss, evaluated once, at the end of a
     finished search, in the precision it trained in.
 
-    In the driver, which has imported torch and Lightning already (for the run flags) and has every CPU to itself
-    once the trials are done: a fresh Ray worker spent seconds importing them again (3 of a smoke search's 17 s
-    outside the fit). The checkpoint is read where Tune stored it (a folder, or a URI through a local copy)."""
+    In the driver (evaluate). The checkpoint is read where Tune stored it (a folder, or a URI through a local copy)."""
     if best is None or not ended:
         return best
     tested = earlier_test(spec.folder, best)
@@ -156,13 +156,21 @@ def test_winner(spec: SearchSpec, best: dict | None, data: ray.ObjectRef, ended:
     return {**best, **evaluate([best], spec, data)[0]}
 
 
-def evaluate(trials: list[dict[str, Any]], spec: SearchSpec, data: ray.ObjectRef) -> list[dict[str, float]]:
-    """The test metrics of each trial's checkpoint, in the precision it trained in, one after the other in the driver.
+TESTING = "text_recognizer.search.trial.trial_process"  # what the driver's test of the winner imports: Lightning
 
-    The driver has imported torch and Lightning already (for the run flags) and has every CPU to itself once the
-    trials are done: a fresh Ray worker spent seconds importing them again (3 of a smoke search's 17 s outside the
-    fit). The checkpoint is read where Tune stored it (a folder, or a URI through a local copy)."""
-    from text_recognizer.search.trial import trial_process  # imported already: the run flags need Lightning
+
+def preload_testing() -> None:
+    """Import torch and Lightning for the winner's test (evaluate) in a thread, while Tune fits: 5 s of imports that a
+    smoke search paid after its fit, serially. The driver spends the fit waiting on Ray (ray.wait), so the thread
+    mostly takes a core from the trials for those seconds; a fresh Ray worker would import them all again."""
+    threading.Thread(target=importlib.import_module, args=(TESTING,), name="preload-testing", daemon=True).start()
+
+
+def evaluate(trials: list[dict[str, Any]], spec: SearchSpec, data: ray.ObjectRef) -> list[dict[str, float]]:
+    """The test metrics of each trial's checkpoint, in the precision it trained in, one after the other in the driver,
+    which has every CPU to itself once the trials are done, and has imported Lightning during the fit
+    (preload_testing). The checkpoint is read where Tune stored it (a folder, or a URI through a local copy)."""
+    trial_process = importlib.import_module(TESTING)  # preloaded: waits for the thread's import if it still runs
 
     filesystem, arrays, tested = tune_storage(spec).get("storage_filesystem"), ray.get(data), []
     for trial in trials:
@@ -484,6 +492,7 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
     # when this part's budget runs out: what it has left (a resumed part) from now
     deadline = began + part["time_budget"] - part["wall_seconds"] if part["time_budget"] is not None else None
     wandb_callback.deadline = deadline
+    preload_testing()
     try:
         with tune_environment(spec.output), kept_out(spec.wandb_mode), this_part(spec.config.num_samples, deadline, restored):
             grid = tuner.fit()

@@ -18,9 +18,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from text_recognizer.facts import SEARCH_FILE, TUNE_STATE_FILE, WANDB_PROJECT
+from text_recognizer.flags import build_parser, default_wandb_mode
 from text_recognizer.search import storage as stored
 from text_recognizer.search.config import (
     DEFAULT_CONFIG,
@@ -31,7 +30,6 @@ from text_recognizer.search.config import (
     load_config,
     parse_duration,
 )
-from text_recognizer.training import build_parser, default_wandb_mode
 from text_recognizer.util import Parser, UserError
 
 STORAGE_PATH = Path("logs") / "search"
@@ -111,8 +109,16 @@ def trial_resources(cpus: float | None, gpus: float | None, nodes: list[dict[str
 
 
 def local_nodes() -> list[dict[str, float]]:
-    """The one node a local cluster will have: this machine's CPUs and GPUs."""
-    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+    """The one node a local cluster will have: this machine's CPUs, and its GPUs counted as ray.init counts them
+    (NVML, within CUDA_VISIBLE_DEVICES; resource_and_label_spec.py). Ray's count, not torch's: the driver never
+    imports torch before its trials run."""
+    from ray._private import accelerators
+
+    manager = accelerators.get_accelerator_manager_for_resource("GPU")
+    gpus = manager.get_current_node_num_accelerators()
+    visible = manager.get_current_process_visible_accelerator_ids()
+    gpus = min(gpus, len(visible)) if visible is not None else gpus
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}]
 
 
 def ray_running() -> bool:
