@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -15,7 +16,7 @@ from ray.tune import Checkpoint, Result
 from text_recognizer.facts import TrialStatus, search_ended, trial_status
 from text_recognizer.search.config import load_config
 from text_recognizer.search.outputs.report import study
-from text_recognizer.search.outputs.results import collect, summarize, write_results
+from text_recognizer.search.outputs.results import TrialClock, collect, summarize, unfinished, write_results
 from text_recognizer.search.spec import SearchSpec
 
 # (id, last result, max_t, error, outcome)
@@ -213,6 +214,27 @@ def test_a_trial_in_a_folder_tune_made_unique_keeps_its_id_and_metrics(tmp_path:
     assert [(row["trial_id"], row["status"], row["epochs"], row["best_val_acc"]) for row in rows] == [
         ("c0003", "stopped_early", 1, 0.3)
     ]
+
+
+@pytest.mark.parametrize(("budget_ended", "status"), [(False, "interrupted"), (True, "stopped_by_budget")])
+def test_a_last_result_marked_done_is_no_end_while_tune_has_not_ended_the_trial(
+    tmp_path: Path, budget_ended: bool, status: str
+) -> None:
+    """Tune logs the result that ends a trial (done), then holds its STOP until the checkpoint's save returns; a
+    Ctrl-C in between leaves the trial running in Tune's saved state, and --resume goes on with it. Its row says so,
+    as its W&B run (still open) does, and it keeps the checkpoints --resume needs. Seen in the slow suite: the row
+    said completed, and its 3 checkpoints broke the promise of one for an ended trial."""
+    rows_in = [{"training_iteration": epoch, "val_acc": 0.5 + epoch / 100} for epoch in (1, 2, 3)]  # ASHA's stop
+    kept = {epoch: {"val_acc": 0.5 + epoch / 100} for epoch in (1, 2, 3)}
+    results = [trial_result(tmp_path, "a0001", rows_in, kept)]
+    clock = TrialClock()
+    clock.on_trial_start(0, [], SimpleNamespace(trial_id="a0001"))
+    live, budget = clock.live, {"a0001"} if budget_ended else False
+    assert [row["status"] for row in collect(results, spec_for(tmp_path), {}, budget, live)[0]] == [status]
+    assert unfinished(results, live) == {"a0001"}
+    clock.on_trial_complete(0, [], SimpleNamespace(trial_id="a0001"))  # Tune ended it: its last result is its end
+    assert [row["status"] for row in collect(results, spec_for(tmp_path), {}, budget, clock.live)[0]] == ["stopped_early"]
+    assert unfinished(results, clock.live) == set()
 
 
 @pytest.mark.parametrize(("budget_ended", "status"), [(False, "interrupted"), (True, "stopped_by_budget")])

@@ -88,7 +88,9 @@ def run_search(argv: Sequence[str] | None = None) -> dict[str, Any]:
         storage.check_every_node_sees(spec.where)  # on a cluster: refuse a folder that only this node has
         data = put_data(arrays.result())  # the dataset goes into Ray's object store once; the driver drops its copy
         grid, clock, record = fit(spec, data, [preemption])  # 3. build the Tuner (or restore it) and fit it
-        rows, best = collect(grid, spec, clock.ready, set(record["budget_stopped"]))  # 4. the trials, from the ResultGrid
+        rows, best = collect(
+            grid, spec, clock.ready, set(record["budget_stopped"]), clock.live
+        )  # 4. the trials, from the ResultGrid
         ended, confirmed = search_ended(rows, sampled_all(spec, rows, record)), None
         if spec.confirm and best and ended:  # --confirm: the best configs again, new seeds; best mean wins
             best, confirmed = confirm_winner(spec, rows, data, len(record["parts"]), [preemption])
@@ -504,13 +506,13 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
     record["wall_seconds"] += elapsed
     part["wall_seconds"] += elapsed
     if budget_spent(part):  # the trials it stopped stay stopped_by_budget (or not_started) in every later part
-        record["budget_stopped"] = sorted(set(record["budget_stopped"]) | unfinished(grid))
+        record["budget_stopped"] = sorted(set(record["budget_stopped"]) | unfinished(grid, clock.live))
     write_whole(spec.folder / SEARCH_FILE, json.dumps(record, indent=2))
     if spec.storage:  # the trials' logs (not their checkpoints) for the results and the report
         storage.download(spec.storage, spec.folder, storage.is_trial_file)
     # ended trials whose run missed a write here, or that a killed driver left without its end
     if spec.wandb_mode == "offline" and (spec.resume or wandb_callback.damaged):
-        rewritten = wandb_callback.rewrite_runs(collect(grid, spec, clock.ready, set(record["budget_stopped"]))[0])
+        rewritten = wandb_callback.rewrite_runs(collect(grid, spec, clock.ready, set(record["budget_stopped"]), clock.live)[0])
         if rewritten:
             print(f"W&B: {len(rewritten)} trial runs written again from Tune's results", file=sys.stderr)
     return grid, clock, record

@@ -50,6 +50,11 @@ class TrialClock(Callback):
         self.added: dict[str, float] = {}
         self.slot_freed: list[float] = []
         self.ready: dict[str, float] = {}
+        # started in this driver and not ended by Tune (on_trial_complete, on_trial_error): when a search is stopped,
+        # the trials --resume goes on with, even one whose last result says done: Tune logs a result that ends a
+        # trial at once, then holds its STOP until the checkpoint's save task returns (tune_controller.py,
+        # _cached_trial_decisions); a Ctrl-C in between leaves it running in Tune's saved state
+        self.live: set[str] = set()
 
     def on_trial_add(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.added.setdefault(trial.trial_id, time.time())
@@ -60,9 +65,11 @@ class TrialClock(Callback):
         # (slot_freed is in time order: a bisection, not a scan of every trial that ended)
         freed = self.slot_freed[bisect.bisect_right(self.slot_freed, now) - 1 :][:1] if self.slot_freed else []
         self.ready.setdefault(trial.trial_id, max([added, *(t for t in freed if added <= t <= now)]))
+        self.live.add(trial.trial_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.slot_freed.append(time.time())
+        self.live.discard(trial.trial_id)
 
     on_trial_error = on_trial_complete
 
@@ -90,9 +97,13 @@ def own_metrics(result: Result) -> tuple[str, dict[str, Any]]:
     return trial_id, (last if last.get("trial_id", trial_id) == trial_id and "training_iteration" in last else {})
 
 
-def trial_row(result: Result, spec: SearchSpec, trial_starts: dict[str, float], budget_ended: bool = False) -> dict[str, Any]:
-    """One trial: its outcome, epochs, config, final metrics, best metric, start-up, device and failures."""
+def trial_row(
+    result: Result, spec: SearchSpec, trial_starts: dict[str, float], budget_ended: bool = False, live: Collection[str] = ()
+) -> dict[str, Any]:
+    """One trial: its outcome, epochs, config, final metrics, best metric, start-up, device and failures. `live`:
+    the trials Tune had not ended when the search stopped (TrialClock.live): their last result is not their end."""
     config, (trial_id, last) = spec.config, own_metrics(result)
+    last = {**last, "done": False} if trial_id in live else last
     frame = result.metrics_dataframe if result.metrics_dataframe is not None and last else pd.DataFrame()
     history = [value for value in frame.get(config.metric, []) if finite(value) is not None]
     better = max if config.mode == "max" else min
@@ -156,15 +167,20 @@ def best_checkpoint(result: Result, row: dict[str, Any], spec: SearchSpec) -> di
 
 
 def collect(
-    results: Iterable[Result], spec: SearchSpec, trial_starts: dict[str, float], budget_ended: bool | Collection[str] = False
+    results: Iterable[Result],
+    spec: SearchSpec,
+    trial_starts: dict[str, float],
+    budget_ended: bool | Collection[str] = False,
+    live: Collection[str] = (),
 ) -> tuple[list[dict], dict | None]:
     """One row per trial (by trial id), and the best checkpoint of all trials that neither failed nor diverged;
-    `budget_ended`: the time budget stopped the trials that have not ended (True: all of them; else their ids)."""
+    `budget_ended`: the time budget stopped the trials that have not ended (True: all of them; else their ids);
+    `live`: those Tune had not ended (trial_row)."""
     rows, best = [], None
     sign = 1 if spec.config.mode == "max" else -1
     for result in sorted(results, key=lambda r: own_metrics(r)[0]):
         stopped = budget_ended if isinstance(budget_ended, bool) else own_metrics(result)[0] in budget_ended
-        row = trial_row(result, spec, trial_starts, stopped)
+        row = trial_row(result, spec, trial_starts, stopped, live)
         rows.append(row)
         candidate = best_checkpoint(result, row, spec)
         if candidate and (best is None or sign * candidate["value"] > sign * best["value"]):
@@ -174,9 +190,10 @@ def collect(
     return rows, best
 
 
-def unfinished(results: Iterable[Result]) -> set[str]:
-    """The ids of the trials whose last result is not their last (stopped, or never started)."""
-    return {trial_id for trial_id, last in map(own_metrics, results) if not last.get("done")}
+def unfinished(results: Iterable[Result], live: Collection[str] = ()) -> set[str]:
+    """The ids of the trials whose last result is not their last (stopped, or never started), or that Tune had not
+    ended (`live`, trial_row)."""
+    return {trial_id for trial_id, last in map(own_metrics, results) if not last.get("done") or trial_id in live}
 
 
 def summarize(
