@@ -50,11 +50,13 @@ class TrialClock(Callback):
         self.added: dict[str, float] = {}
         self.slot_freed: list[float] = []
         self.ready: dict[str, float] = {}
-        # started in this driver and not ended by Tune (on_trial_complete, on_trial_error): when a search is stopped,
-        # the trials --resume goes on with, even one whose last result says done: Tune logs a result that ends a
-        # trial at once, then holds its STOP until the checkpoint's save task returns (tune_controller.py,
-        # _cached_trial_decisions); a Ctrl-C in between leaves it running in Tune's saved state
+        # the trials not ended (neither TERMINATED nor ERROR) in the newest state Tune saved, which --resume restores:
+        # when a search is stopped, those it goes on with, even one whose last result says done. Tune logs the result
+        # that ends a trial at once, then holds its STOP until the checkpoint's save task returns
+        # (tune_controller.py, _cached_trial_decisions): a Ctrl-C in between leaves the trial running in that state.
+        # Read as Tune saves (get_state), so not the statuses its cleanup sets after the final save.
         self.live: set[str] = set()
+        self.trials: list[Any] = []
 
     def on_trial_add(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.added.setdefault(trial.trial_id, time.time())
@@ -65,13 +67,18 @@ class TrialClock(Callback):
         # (slot_freed is in time order: a bisection, not a scan of every trial that ended)
         freed = self.slot_freed[bisect.bisect_right(self.slot_freed, now) - 1 :][:1] if self.slot_freed else []
         self.ready.setdefault(trial.trial_id, max([added, *(t for t in freed if added <= t <= now)]))
-        self.live.add(trial.trial_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.slot_freed.append(time.time())
-        self.live.discard(trial.trial_id)
 
     on_trial_error = on_trial_complete
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        self.trials = trials  # Tune's own list: the trials as they are when it saves
+
+    def get_state(self) -> None:
+        """Called as Tune saves the search's state: which trials that state has not ended. No state of its own."""
+        self.live = {trial.trial_id for trial in self.trials if trial.status not in ("TERMINATED", "ERROR")}
 
 
 def finite(value: Any) -> float | None:
