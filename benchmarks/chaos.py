@@ -71,7 +71,9 @@ space:
 # trains in about a second, two at a time, so the faults fall inside the search, not after its end. A driver
 # restarted by a fault trains nothing for 20-90 s, and the search goes on some 9 trials a fault: 240 trials ended
 # after 27 of 119 faults (2026-12-02), so the long schedule has 1,000 trials for its 120
-SCHEDULES = {"short": (70, 8, (2.0, 6.0)), "long": (1000, 120, (0.5, 2.5))}
+# after 2026-12-03's cut of a driver's fixed cost (restarts are faster), the actor mode's 70-trial search ended
+# before its checkpoint_truncate in 2 of 2 clean-clone runs (baseline 38 s, was 67 s): now 120
+SCHEDULES = {"short": (120, 8, (2.0, 6.0)), "long": (1000, 120, (0.5, 2.5))}
 # a fork-mode trial starts and trains faster: its 70-trial search ended before 2 of its 8 faults in 5 of 6 runs
 # (2026-12-02), a 120-trial one (with forks found alive) in 1 of 2, so the short schedule samples more for it
 FORK_SHORT_TRIALS = 180
