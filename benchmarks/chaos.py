@@ -592,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                 "schedule": args.schedule,
                 "trial_process": args.trial_process,
                 "trials": args.trials,
+                "trials_in_summary": summary["num_trials"],
                 "injected": dict(chaos.injected),
                 "skipped": dict(chaos.skipped),
                 "wall_seconds": wall,

@@ -24,4 +24,4 @@ def test_the_short_chaos_schedule_loses_nothing(tmp_path: Path) -> None:
     kinds = {"worker_kill", "node_replace", "driver_kill", "driver_term", "checkpoint_truncate"}
     kinds |= set() if "no storage_readonly faults" in done.stdout else {"storage_readonly"}
     assert kinds <= {kind for kind, count in figures["injected"].items() if count > 0}, figures["injected"]
-    assert figures["failed"] == [] and figures["trials"] == 70 and figures["wall_seconds"] > 0
+    assert figures["failed"] == [] and figures["trials_in_summary"] == figures["trials"] >= 70 and figures["wall_seconds"] > 0
