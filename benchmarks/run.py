@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from text_recognizer.data.mnist import FashionMNIST  # noqa: E402
+from text_recognizer.search.trial import forkserver  # noqa: E402
 from text_recognizer.training import native_bf16  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -93,10 +94,10 @@ class MemorySampler(threading.Thread):
             for process in psutil.process_iter(["cmdline", "ppid", "pid"]):
                 try:
                     command = " ".join(process.info["cmdline"] or [])
-                    if "text_recognizer.search.trial.forkserver" in command:
+                    if forkserver.__name__ in command:
                         memory = process.memory_full_info()
                         parent = psutil.Process(process.info["ppid"])
-                        is_trial = "text_recognizer.search.trial.forkserver" in " ".join(parent.cmdline())
+                        is_trial = forkserver.__name__ in " ".join(parent.cmdline())
                         role, value = ("trial", memory.uss) if is_trial else ("server", memory.pss)
                     elif "ImplicitFunc" in command:
                         role, value = "actor", process.memory_full_info().uss
