@@ -506,7 +506,7 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
     record["wall_seconds"] += elapsed
     part["wall_seconds"] += elapsed
     if budget_spent(part):  # the trials it stopped stay stopped_by_budget (or not_started) in every later part
-        record["budget_stopped"] = sorted(set(record["budget_stopped"]) | unfinished(grid, clock.live))
+        record["budget_stopped"] = sorted(set(record["budget_stopped"]) | unfinished(grid, spec.config.max_t, clock.live))
     write_whole(spec.folder / SEARCH_FILE, json.dumps(record, indent=2))
     if spec.storage:  # the trials' logs (not their checkpoints) for the results and the report
         storage.download(spec.storage, spec.folder, storage.is_trial_file)

@@ -104,13 +104,24 @@ def own_metrics(result: Result) -> tuple[str, dict[str, Any]]:
     return trial_id, (last if last.get("trial_id", trial_id) == trial_id and "training_iteration" in last else {})
 
 
+def its_end(trial_id: str, last: dict[str, Any], live: Collection[str], max_t: int) -> dict[str, Any]:
+    """A trial's last result, with `done` saying whether the trial has ended. Not for a trial Tune had not ended
+    (`live`, TrialClock), whatever its result says. Yes for one that trained all max_t epochs: a trial resumed from a
+    checkpoint of its last epoch (newer than Tune's state knew, checkpoints.repair_tracked) reports no result again,
+    and Tune ends it with the checkpoint's metrics, which carry no `done` (seen in the chaos benchmark: the trial
+    stayed interrupted, and every --resume exited 130)."""
+    if trial_id in live:
+        return {**last, "done": False}
+    return {**last, "done": True} if last.get("training_iteration", 0) >= max_t else last
+
+
 def trial_row(
     result: Result, spec: SearchSpec, trial_starts: dict[str, float], budget_ended: bool = False, live: Collection[str] = ()
 ) -> dict[str, Any]:
     """One trial: its outcome, epochs, config, final metrics, best metric, start-up, device and failures. `live`:
     the trials Tune had not ended when the search stopped (TrialClock.live): their last result is not their end."""
     config, (trial_id, last) = spec.config, own_metrics(result)
-    last = {**last, "done": False} if trial_id in live else last
+    last = its_end(trial_id, last, live, config.max_t)
     frame = result.metrics_dataframe if result.metrics_dataframe is not None and last else pd.DataFrame()
     history = [value for value in frame.get(config.metric, []) if finite(value) is not None]
     better = max if config.mode == "max" else min
@@ -197,10 +208,9 @@ def collect(
     return rows, best
 
 
-def unfinished(results: Iterable[Result], live: Collection[str] = ()) -> set[str]:
-    """The ids of the trials whose last result is not their last (stopped, or never started), or that Tune had not
-    ended (`live`, trial_row)."""
-    return {trial_id for trial_id, last in map(own_metrics, results) if not last.get("done") or trial_id in live}
+def unfinished(results: Iterable[Result], max_t: int, live: Collection[str] = ()) -> set[str]:
+    """The ids of the trials that have not ended (stopped, or never started; its_end)."""
+    return {trial_id for trial_id, last in map(own_metrics, results) if not its_end(trial_id, last, live, max_t).get("done")}
 
 
 def summarize(
