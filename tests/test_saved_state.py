@@ -129,3 +129,39 @@ def test_the_sets_older_than_the_one_restored_are_kept_out_of_tune_s_folder(loca
     stamps = [name.removeprefix("experiment_state-").removesuffix(".json") for name in (first, second)]
     assert kept == sorted([first, second, *(f"basic-variant-state-{stamp}.json" for stamp in stamps)])
     assert len(tune.Tuner.restore(str(folder), trainable()).get_results()) == 3
+
+
+def saved_trials(folder: Path) -> dict[str, tuple[str, dict]]:
+    """Each trial's status and last result in the state Tune restores."""
+    state = json.loads((folder / states(folder)[-1]).read_text())
+    return {
+        json.loads(trial)["trial_id"]: (json.loads(trial)["status"], json.loads(metadata)["last_result"])
+        for trial, metadata in state["trial_data"]
+    }
+
+
+def test_trials_ended_without_their_end_run_on_and_no_others(local_ray: None, tmp_path: Path) -> None:
+    """The long chaos run left trial 00170 TERMINATED in Tune's state with a last result at epoch 1 of 3 and no
+    `done`, and no --resume would run it again. Two real trials' saved state made so (their last results at epoch
+    2, `done` dropped), taken as trials of up to 3 epochs: they go back to PENDING, one warning names them, and the
+    restore trains them; ended ones (max_t 2) and those a time budget stopped stay as they are."""
+    folder = search(tmp_path, 2)
+    path = folder / states(folder)[-1]
+    state = json.loads(path.read_text())
+    for entry in state["trial_data"]:
+        metadata = json.loads(entry[1])
+        assert json.loads(entry[0])["status"] == "TERMINATED" and metadata["last_result"]["training_iteration"] == 2
+        metadata["last_result"]["done"] = False
+        entry[1] = json.dumps(metadata)
+    path.write_text(json.dumps(state))
+    a, b = sorted(saved_trials(folder))
+    before = path.read_text()
+    assert saved_state.reopen_unended(str(folder), max_t=2, stopped=set()) is None  # 2 of 2 epochs: ended
+    assert saved_state.reopen_unended(str(folder), max_t=3, stopped={a, b}) is None  # a time budget stopped them
+    assert path.read_text() == before
+    warning = saved_state.reopen_unended(str(folder), max_t=3, stopped={a})
+    assert warning == f"warning: Tune's saved state ended trials {b} (epoch 2 of 3) without their end: they run on"
+    assert {trial_id: status for trial_id, (status, _) in saved_trials(folder).items()} == {a: "TERMINATED", b: "PENDING"}
+    tune.Tuner.restore(str(folder), trainable(), resume_unfinished=True).fit()
+    rows = {p.parent.name: len(p.read_text().splitlines()) for p in folder.glob("*/result.json")}
+    assert sorted(rows.values()) == [2, 4], rows  # b trained again (from scratch: it saved no checkpoint); a did not

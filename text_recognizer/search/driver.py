@@ -220,7 +220,7 @@ def confirm_winner(
     callbacks += [wandb_callback] if spec.wandb_mode != "disabled" else []
     function = trainable(spec, data)
     if tune.Tuner.can_restore(f"{base['storage_path']}/{name}", storage_filesystem=base["storage_filesystem"]):
-        tuner = restore(f"{base['storage_path']}/{name}", function, callbacks, base["storage_filesystem"])
+        tuner = restore(f"{base['storage_path']}/{name}", function, callbacks, config.max_t, set(), base["storage_filesystem"])
     else:
         tune_settings = tune.TuneConfig(
             metric=config.metric,
@@ -455,10 +455,15 @@ def new_part(spec: SearchSpec) -> dict[str, Any]:
     return {"started": started, "num_samples": config.num_samples, "time_budget": config.time_budget, "wall_seconds": 0.0}
 
 
-def restore(experiment: str, function: Any, callbacks: list[tune.Callback], filesystem: Any = None) -> tune.Tuner:
+def restore(
+    experiment: str, function: Any, callbacks: list[tune.Callback], max_t: int, stopped: set[str], filesystem: Any = None
+) -> tune.Tuner:
     """The Tuner of a saved search, from its newest state that reads (saved_state), with these callbacks; its
-    unfinished and errored trials go on."""
+    unfinished and errored trials go on, and so do those its state ended early without an end (`stopped`: the ones
+    a time budget stopped, which stay stopped)."""
     if warning := saved_state.restorable(experiment, filesystem):
+        print(warning, file=sys.stderr, flush=True)
+    if warning := saved_state.reopen_unended(experiment, max_t, stopped, filesystem):
         print(warning, file=sys.stderr, flush=True)
     tuner = tune.Tuner.restore(experiment, function, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem)
     replace_callbacks(tuner, callbacks)
@@ -484,7 +489,7 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
     if spec.resume:
         where = tune_storage(spec)
         experiment, filesystem = f"{where['storage_path']}/{spec.name}", where.get("storage_filesystem")
-        tuner = restore(experiment, function, callbacks, filesystem)
+        tuner = restore(experiment, function, callbacks, spec.config.max_t, set(record["budget_stopped"]), filesystem)
         restored = saved_state.trial_ids(experiment, filesystem)
     else:
         tuner = tune.Tuner(

@@ -104,16 +104,53 @@ def restorable(experiment: str, storage_filesystem: pafs.FileSystem | None = Non
     )
 
 
+def newest_state(fs: pafs.FileSystem, root: str) -> str | None:
+    """The experiment_state file Tune restores: the newest by name, as Tune picks; None when there is none."""
+    names = file_names(fs, root)
+    return max((name for name in names if name.startswith("experiment_state-") and name.endswith(".json")), default=None)
+
+
 def trial_ids(experiment: str, storage_filesystem: pafs.FileSystem | None = None) -> set[str]:
     """The ids of the trials in the saved state Tune restores (its newest experiment_state, by name, as Tune picks)."""
     fs, root = get_fs_and_path(experiment, storage_filesystem)
-    names = file_names(fs, root)
-    newest = max((name for name in names if name.startswith("experiment_state-") and name.endswith(".json")), default=None)
-    if newest is None:
+    if (newest := newest_state(fs, root)) is None:
         return set()
     with fs.open_input_stream(f"{root}/{newest}") as stream:
         state = json.loads(stream.readall())
     return {json.loads(trial_state)["trial_id"] for trial_state, _ in state["trial_data"]}
+
+
+def reopen_unended(
+    experiment: str, max_t: int, stopped: set[str], storage_filesystem: pafs.FileSystem | None = None
+) -> str | None:
+    """Trials Tune's saved state has ended (TERMINATED) whose last result is not an end go back to PENDING in the
+    state Tune restores, so that the resume runs them on from their newest checkpoint; returns a one-line warning
+    naming them, None when there are none. Not an end: no `done`, fewer than max_t epochs, not diverged, and no time
+    budget stopped it (`stopped`, search.json's budget_stopped: those stay stopped).
+
+    Tune would never run such a trial again, and the search could never end: every --resume exited 130 with it
+    interrupted (the long chaos run of 2026-12-03, trial 00170: a resumed driver ended it after its first epoch's
+    result, which said go on, and handed its actor to the next trial 0.5 s later; how Tune came to was not found)."""
+    fs, root = get_fs_and_path(experiment, storage_filesystem)
+    if (newest := newest_state(fs, root)) is None:
+        return None
+    with fs.open_input_stream(f"{root}/{newest}") as stream:
+        state = json.loads(stream.readall())
+    reopened = []
+    for entry in state["trial_data"]:
+        trial, metadata = json.loads(entry[0]), json.loads(entry[1])
+        last = metadata.get("last_result") or {}
+        unended = not last.get("done") and last.get("training_iteration", 0) < max_t and not last.get("diverged")
+        if trial["status"] == "TERMINATED" and unended and trial["trial_id"] not in stopped:
+            trial["status"] = "PENDING"
+            entry[0] = json.dumps(trial)
+            reopened.append(f"{trial['trial_id']} (epoch {last.get('training_iteration', 0)} of {max_t})")
+    if not reopened:
+        return None
+    with fs.open_output_stream(f"{root}/{newest}{PART}") as stream:  # whole or not at all, as WholeState writes
+        stream.write(json.dumps(state).encode())
+    fs.move(f"{root}/{newest}{PART}", f"{root}/{newest}")
+    return f"warning: Tune's saved state ended trials {', '.join(reopened)} without their end: they run on"
 
 
 def copy_whole(staging: str, fs: pafs.FileSystem, root: str) -> list[str]:
