@@ -4,10 +4,12 @@ copy is moved aside, kept. Real Tune searches on a local Ray, their state files 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import pytest
+from conftest import FIVE_EPOCHS, complete_lines, finish, summary_of
 from ray import tune
 
 from text_recognizer.search import saved_state
@@ -165,3 +167,33 @@ def test_trials_ended_without_their_end_run_on_and_no_others(local_ray: None, tm
     tune.Tuner.restore(str(folder), trainable(), resume_unfinished=True).fit()
     rows = {p.parent.name: len(p.read_text().splitlines()) for p in folder.glob("*/result.json")}
     assert sorted(rows.values()) == [2, 4], rows  # b trained again (from scratch: it saved no checkpoint); a did not
+
+
+@pytest.mark.slow
+def test_a_resume_trains_on_a_trial_its_state_ended_early(tmp_path: Path, launch_search) -> None:
+    """The real search, its saved state then made as the long chaos run left trial 00170 (TERMINATED, its last
+    result at epoch 1 of 5 with no `done`, its checkpoints gone): without the repair every --resume would exit 130
+    with the trial interrupted. --resume says so in one line, trains it to its end, and exits 0."""
+    config = FIVE_EPOCHS.replace("limit_train_batches: 60", "limit_train_batches: 5, limit_val_batches: 2")
+    finish(launch_search(tmp_path, "early", config, "--num-samples", "2", "--max-concurrent", "2"))
+    search_dir = tmp_path / "early"
+    a = sorted(summary_of(search_dir)["trials"], key=lambda row: row["trial_id"])[0]["trial_id"]
+    first = complete_lines(search_dir / f"trial_{a}" / "result.json")[0]
+    for path in search_dir.glob("experiment_state-*.json"):  # Tune's own copy and WholeState's
+        state = json.loads(path.read_text())
+        for entry in state["trial_data"]:
+            if json.loads(entry[0])["trial_id"] == a:
+                metadata = json.loads(entry[1])
+                metadata["last_result"] = {**first, "done": False}
+                entry[1] = json.dumps(metadata)
+        path.write_text(json.dumps(state))
+    for folder in (search_dir / f"trial_{a}").glob("checkpoint_*"):
+        shutil.rmtree(folder)
+
+    resumed = launch_search(tmp_path, "early", None, "--resume")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert f"warning: Tune's saved state ended trials {a} (epoch 1 of 5) without their end: they run on" in stderr
+    rows = {row["trial_id"]: row for row in summary_of(search_dir)["trials"]}
+    assert (rows[a]["status"], rows[a]["epochs"]) == ("completed", 5), rows[a]
+    assert summary_of(search_dir)["statuses"] == {"completed": 2}
