@@ -10,6 +10,7 @@ import enum
 import os
 import re
 import shlex
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,17 @@ TrialStatus.FINAL = frozenset(set(TrialStatus) - {TrialStatus.INTERRUPTED, Trial
 TrialStatus.RANKED = frozenset({TrialStatus.COMPLETED, TrialStatus.STOPPED_EARLY, TrialStatus.STOPPED_BY_BUDGET})
 TrialStatus.BUDGET = frozenset({TrialStatus.STOPPED_BY_BUDGET, TrialStatus.NOT_STARTED})  # what a spent time budget does
 TrialStatus.FAILED = frozenset({TrialStatus.ERROR, TrialStatus.DIVERGED})  # no best checkpoint, never the winner
+
+
+def its_end(trial_id: str, last: dict[str, Any], live: Collection[str], max_t: int) -> dict[str, Any]:
+    """A trial's last result, with `done` saying whether the trial has ended. Not for a trial Tune had not ended
+    (`live`, TrialClock), whatever its result says. Yes for one that trained all max_t epochs: a trial resumed from a
+    checkpoint of its last epoch (newer than Tune's state knew, checkpoints.repair_tracked) reports no result again,
+    and Tune ends it with the checkpoint's metrics, which carry no `done` (seen in the chaos benchmark: the trial
+    stayed interrupted, and every --resume exited 130)."""
+    if trial_id in live:
+        return {**last, "done": False}
+    return {**last, "done": True} if last.get("training_iteration", 0) >= max_t else last
 
 
 def trial_status(

@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 from ray import cloudpickle, tune
 from ray.train._internal.storage import get_fs_and_path
 
+from text_recognizer.facts import TrialStatus, its_end, trial_status
 from text_recognizer.util import UserError
 
 STATE_FILE = re.compile(r"(?:experiment_state|basic-variant-state|search_gen_state|searcher-state)-(.+)\.(?:json|pkl)")
@@ -125,8 +126,9 @@ def reopen_unended(
 ) -> str | None:
     """Trials Tune's saved state has ended (TERMINATED) whose last result is not an end go back to PENDING in the
     state Tune restores, so that the resume runs them on from their newest checkpoint; returns a one-line warning
-    naming them, None when there are none. Not an end: no `done`, fewer than max_t epochs, not diverged, and no time
-    budget stopped it (`stopped`, search.json's budget_stopped: those stay stopped).
+    naming them, None when there are none. Not an end: what summary.json would call interrupted or pending
+    (facts.its_end, trial_status: no `done`, fewer than max_t epochs, not diverged), and no time budget stopped it
+    (`stopped`, search.json's budget_stopped: those stay stopped).
 
     Tune would never run such a trial again, and the search could never end: every --resume exited 130 with it
     interrupted (the long chaos run of 2026-12-03, trial 00170: a resumed driver ended it after its first epoch's
@@ -140,7 +142,7 @@ def reopen_unended(
     for entry in state["trial_data"]:
         trial, metadata = json.loads(entry[0]), json.loads(entry[1])
         last = metadata.get("last_result") or {}
-        unended = not last.get("done") and last.get("training_iteration", 0) < max_t and not last.get("diverged")
+        unended = trial_status(its_end(trial["trial_id"], last, (), max_t), max_t) not in TrialStatus.FINAL
         if trial["status"] == "TERMINATED" and unended and trial["trial_id"] not in stopped:
             trial["status"] = "PENDING"
             entry[0] = json.dumps(trial)

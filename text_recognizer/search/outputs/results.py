@@ -25,6 +25,7 @@ from text_recognizer.facts import (
     SUMMARY_FILE,
     TRIAL_PREFIX,
     TrialStatus,
+    its_end,
     replay_command,
     resume_command,
     search_ended,
@@ -102,17 +103,6 @@ def own_metrics(result: Result) -> tuple[str, dict[str, Any]]:
     trial_id = re.sub(r"_[0-9a-f]{4}$", "", PurePosixPath(result.path).name.removeprefix(TRIAL_PREFIX))
     last = result.metrics or {}
     return trial_id, (last if last.get("trial_id", trial_id) == trial_id and "training_iteration" in last else {})
-
-
-def its_end(trial_id: str, last: dict[str, Any], live: Collection[str], max_t: int) -> dict[str, Any]:
-    """A trial's last result, with `done` saying whether the trial has ended. Not for a trial Tune had not ended
-    (`live`, TrialClock), whatever its result says. Yes for one that trained all max_t epochs: a trial resumed from a
-    checkpoint of its last epoch (newer than Tune's state knew, checkpoints.repair_tracked) reports no result again,
-    and Tune ends it with the checkpoint's metrics, which carry no `done` (seen in the chaos benchmark: the trial
-    stayed interrupted, and every --resume exited 130)."""
-    if trial_id in live:
-        return {**last, "done": False}
-    return {**last, "done": True} if last.get("training_iteration", 0) >= max_t else last
 
 
 def trial_row(
