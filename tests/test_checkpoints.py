@@ -14,7 +14,7 @@ from conftest import FIVE_EPOCHS, finish, results, wait_for
 from ray import tune
 from ray.tune import ExperimentAnalysis
 
-from text_recognizer.facts import CHECKPOINT_NAME, HISTORY_NAME
+from text_recognizer.facts import CHECKPOINT_NAME, ENDED_NAME, HISTORY_NAME
 from text_recognizer.search.outputs.checkpoints import keep_only, repair_tracked
 from text_recognizer.search.trial.resume import resumable
 
@@ -249,3 +249,24 @@ def test_a_resumed_search_whose_state_names_gone_checkpoints_loses_no_trial(tmp_
     assert [r["training_iteration"] for r in after[a]] == [*range(1, done[a] + 1), *range(resumed_at + 1, 6)]
     # B trained all over again in a new worker; Tune's log of it starts afresh too
     assert [r["training_iteration"] for r in after[b]] == list(range(1, 6)) and after[b][0]["pid"] != first_pid[b]
+
+
+def test_pruning_leaves_the_trial_s_final_result_beside_its_best_checkpoint(tmp_path: Path) -> None:
+    """Before pruning takes the checkpoints an older saved state would resume the trial from, its final result goes
+    into its folder (ENDED_NAME): a resume from that state ends it again (saved_state.repair)."""
+    import torch
+
+    from text_recognizer.search.outputs.checkpoints import prune
+
+    trial = tracked_trial(tmp_path, registered=4)  # Tune kept _000001 (val_acc 0.9) and _000003 (0.7, the newest)
+    trial_dir = Path(trial.storage.trial_fs_path)
+    for folder in trial_dir.glob("checkpoint_*"):
+        torch.save({"state_dict": {"w": torch.ones(2)}, "optimizer_states": [{"step": 4}]}, folder / CHECKPOINT_NAME)
+    final = {"training_iteration": 4, "val_acc": 0.7, "done": True, "config": {"fc1": 16}}
+    trial.update_last_result(final)
+    prune(trial)
+    assert sorted(path.name for path in trial_dir.iterdir() if path.name.startswith("checkpoint_")) == ["checkpoint_000001"]
+    assert "optimizer_states" not in torch.load(trial_dir / "checkpoint_000001" / CHECKPOINT_NAME, weights_only=True)
+    ended = json.loads((trial_dir / ENDED_NAME).read_text())
+    assert {key: ended[key] for key in final} == final
+    assert not list(trial_dir.glob("*.partial"))

@@ -18,11 +18,12 @@ from text_recognizer.search.grow import (
     GrowingVariantGenerator,
     PartBudget,
     ResumableASHA,
+    end_in_sampler,
     reconcile_searcher_samples,
     rung_values,
     this_part,
 )
-from text_recognizer.search.saved_state import trial_ids
+from text_recognizer.search.saved_state import repair
 
 
 def report_epochs(config: dict) -> None:
@@ -169,7 +170,7 @@ def test_a_sampler_ahead_of_the_saved_trials_draws_the_lost_ones_again(local_ray
     first = fit(tmp_path, "ahead", 4, algorithm)
     assert len(first) == 4
     lost = drop_newest_trials(tmp_path / "ahead", 2)
-    restored = trial_ids(str(tmp_path / "ahead"))
+    restored = repair(str(tmp_path / "ahead"), max_t=2, stopped=set()).trial_ids
     assert len(restored) == 2 and not restored & lost
     tuner = tune.Tuner.restore(str(tmp_path / "ahead"), report_epochs, resume_unfinished=True)
     with this_part(4, None, restored):
@@ -196,3 +197,27 @@ def test_a_lost_trial_the_concurrency_limit_counts_as_running_ends_there(local_r
     study = generator.searcher.searcher._ot_study
     assert [trial.state.name for trial in study.trials] == ["FAIL", "FAIL"]
     assert generator.next_trial() is not None and generator.get_state()["counter"] == 1
+
+
+@pytest.mark.parametrize("sampler", ["random", "optuna"])
+def test_a_trial_the_resume_ended_again_ends_in_the_sampler(local_ray: None, sampler: str) -> None:
+    """A sampler restored from a state older than a trial's end (saved_state.repair ended it again) still waits for
+    it: the limit (1) would make no trial again. Told, it frees the slot; Optuna's study has the trial's value."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    if sampler == "random":
+        generator = GrowingVariantGenerator(random_state=0, max_concurrent=1)
+    else:
+        generator = GrowingSearchGenerator(ConcurrencyLimiter(OptunaSearch(seed=0), max_concurrent=1))
+        generator.set_search_properties("score", "max", SPACE)
+    tune.register_trainable("report_epochs", report_epochs)
+    generator.add_configurations({"run": {"run": "report_epochs", "config": SPACE, "num_samples": 3}})
+    first = generator.next_trial()
+    assert first is not None and generator.next_trial() is None  # the limit waits for the first
+    assert end_in_sampler(generator, {first.trial_id: {"score": 7.5, "training_iteration": 2, "done": True}})
+    assert generator.next_trial() is not None
+    if sampler == "optuna":
+        (told, _) = generator.searcher.searcher._ot_study.trials
+        assert (told.state.name, told.value) == ("COMPLETE", 7.5)
+    assert end_in_sampler(generator, {"never_made": {"score": 1.0}}) == ([] if sampler == "optuna" else ["never_made"])

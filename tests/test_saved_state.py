@@ -12,6 +12,7 @@ import pytest
 from conftest import FIVE_EPOCHS, complete_lines, finish, summary_of
 from ray import tune
 
+from text_recognizer.facts import ENDED_NAME
 from text_recognizer.search import saved_state
 from text_recognizer.util import UserError
 
@@ -89,7 +90,7 @@ def test_whole_state_keeps_a_copy_that_reads_beside_tune_s_own(local_ray: None, 
     ]
     assert trial_ids_in(folder / whole) == trial_ids_in(folder / own) and len(trial_ids_in(folder / whole)) == 3
     assert not list(folder.glob(f"*{saved_state.PART}"))
-    assert saved_state.trial_ids(str(folder)) == trial_ids_in(folder / whole)
+    assert saved_state.repair(str(folder), 2, set()).trial_ids == trial_ids_in(folder / whole)
 
 
 def test_a_first_driver_s_state_cut_short_restores_from_the_whole_copy(local_ray: None, tmp_path: Path) -> None:
@@ -115,7 +116,7 @@ def test_tune_s_own_copy_restores_when_it_reads_and_the_whole_one_is_kept_aside(
     own, whole = states(folder)
     assert saved_state.restorable(str(folder)) is None
     assert states(folder) == [own] and (folder / saved_state.SUPERSEDED / whole).is_file()
-    assert saved_state.trial_ids(str(folder)) == trial_ids_in(folder / own)
+    assert saved_state.repair(str(folder), 2, set()).trial_ids == trial_ids_in(folder / own)
     assert len(tune.Tuner.restore(str(folder), trainable()).get_results()) == 3
 
 
@@ -158,15 +159,44 @@ def test_trials_ended_without_their_end_run_on_and_no_others(local_ray: None, tm
     path.write_text(json.dumps(state))
     a, b = sorted(saved_trials(folder))
     before = path.read_text()
-    assert saved_state.reopen_unended(str(folder), max_t=2, stopped=set()) is None  # 2 of 2 epochs: ended
-    assert saved_state.reopen_unended(str(folder), max_t=3, stopped={a, b}) is None  # a time budget stopped them
+    assert saved_state.repair(str(folder), max_t=2, stopped=set()).warnings == []  # 2 of 2 epochs: ended
+    assert saved_state.repair(str(folder), max_t=3, stopped={a, b}).warnings == []  # a time budget stopped them
     assert path.read_text() == before
-    warning = saved_state.reopen_unended(str(folder), max_t=3, stopped={a})
-    assert warning == f"warning: Tune's saved state ended trials {b} (epoch 2 of 3) without their end: they run on"
+    repaired = saved_state.repair(str(folder), max_t=3, stopped={a})
+    assert repaired.warnings == [f"warning: Tune's saved state ended trials {b} (epoch 2 of 3) without their end: they run on"]
+    assert repaired.trial_ids == {a, b} and repaired.ended == {}
     assert {trial_id: status for trial_id, (status, _) in saved_trials(folder).items()} == {a: "TERMINATED", b: "PENDING"}
     tune.Tuner.restore(str(folder), trainable(), resume_unfinished=True).fit()
     rows = {p.parent.name: len(p.read_text().splitlines()) for p in folder.glob("*/result.json")}
     assert sorted(rows.values()) == [2, 4], rows  # b trained again (from scratch: it saved no checkpoint); a did not
+
+
+def test_a_trial_a_pruning_ended_stays_ended_in_an_older_state(local_ray: None, tmp_path: Path) -> None:
+    """The long chaos run's trial 00784: it ended and was pruned (its end in ENDED_NAME), then the resume fell back
+    to a state older than its end, which had it RUNNING at its first epoch. Tune would run it again from the
+    checkpoints pruning took (here: from scratch, 2 more rows). The repair ends it with its final result; the other
+    trial is left alone, and the restore trains neither."""
+    folder = search(tmp_path, 2)
+    path = folder / states(folder)[-1]
+    a, b = sorted(saved_trials(folder))
+    final = saved_trials(folder)[a][1]
+    state = json.loads(path.read_text())
+    for entry in state["trial_data"]:
+        trial, metadata = json.loads(entry[0]), json.loads(entry[1])
+        if trial["trial_id"] == a:
+            trial["status"], metadata["last_result"] = "RUNNING", {**final, "training_iteration": 1, "done": False}
+            entry[0], entry[1] = json.dumps(trial), json.dumps(metadata)
+            (folder / trial["relative_logdir"] / ENDED_NAME).write_text(json.dumps(final))
+    path.write_text(json.dumps(state))
+    (folder / "trial_of_no_state").mkdir()  # a folder the state does not name is not looked at
+    repaired = saved_state.repair(str(folder), max_t=2, stopped=set())
+    assert repaired.warnings == [f"warning: the saved state is older than the end of trials {a} (epoch 2 of 2): they stay ended"]
+    assert repaired.ended == {a: final} and repaired.trial_ids == {a, b}
+    assert saved_trials(folder) == {a: ("TERMINATED", final), b: saved_trials(folder)[b]}
+    assert saved_state.repair(str(folder), max_t=2, stopped=set()).warnings == []  # repaired: nothing left to do
+    tune.Tuner.restore(str(folder), trainable(), resume_unfinished=True, resume_errored=True).fit()
+    rows = {p.parent.name: len(p.read_text().splitlines()) for p in folder.glob("*/result.json")}
+    assert sorted(rows.values()) == [2, 2], rows
 
 
 @pytest.mark.slow
@@ -197,3 +227,35 @@ def test_a_resume_trains_on_a_trial_its_state_ended_early(tmp_path: Path, launch
     rows = {row["trial_id"]: row for row in summary_of(search_dir)["trials"]}
     assert (rows[a]["status"], rows[a]["epochs"]) == ("completed", 5), rows[a]
     assert summary_of(search_dir)["statuses"] == {"completed": 2}
+
+
+@pytest.mark.slow
+def test_a_resume_from_a_state_older_than_a_pruned_trial_s_end_loses_nothing(tmp_path: Path, launch_search) -> None:
+    """The long chaos run's trial 00784 through the real driver: a finished search, its trials pruned to their best
+    checkpoint (weights only), its saved state then made as the older copy a resume fell back to had it: trial a
+    RUNNING at epoch 2 of 5. Without the repair Tune resumes a from the weights-only checkpoint, Lightning refuses
+    ("contains only the model") at every retry and a ends in error. With it --resume says so in one line, keeps a
+    completed with its 5 epochs, and exits 0."""
+    config = FIVE_EPOCHS.replace("limit_train_batches: 60", "limit_train_batches: 5, limit_val_batches: 2")
+    finish(launch_search(tmp_path, "older", config, "--num-samples", "2", "--max-concurrent", "2"))
+    search_dir = tmp_path / "older"
+    a = sorted(summary_of(search_dir)["trials"], key=lambda row: row["trial_id"])[0]["trial_id"]
+    assert (search_dir / f"trial_{a}" / ENDED_NAME).is_file()
+    second = complete_lines(search_dir / f"trial_{a}" / "result.json")[1]
+    for path in search_dir.glob("experiment_state-*.json"):  # Tune's own copy and WholeState's
+        state = json.loads(path.read_text())
+        for entry in state["trial_data"]:
+            trial, metadata = json.loads(entry[0]), json.loads(entry[1])
+            if trial["trial_id"] == a:
+                trial["status"], metadata["last_result"] = "RUNNING", {**second, "done": False}
+                entry[0], entry[1] = json.dumps(trial), json.dumps(metadata)
+        path.write_text(json.dumps(state))
+
+    resumed = launch_search(tmp_path, "older", None, "--resume")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert f"warning: the saved state is older than the end of trials {a} (epoch 5 of 5): they stay ended" in stderr
+    rows = {row["trial_id"]: row for row in summary_of(search_dir)["trials"]}
+    assert (rows[a]["status"], rows[a]["epochs"]) == ("completed", 5), rows[a]
+    assert summary_of(search_dir)["statuses"] == {"completed": 2}
+    assert not (search_dir / f"trial_{a}" / "error.txt").exists()

@@ -17,6 +17,8 @@ from typing import Any
 WANDB_PROJECT = "text-recognizer"  # the one default W&B project, of single runs and searches alike
 CHECKPOINT_NAME = "model.ckpt"  # the file inside every Tune checkpoint folder of a trial
 HISTORY_NAME = "history.json"  # beside it: every epoch's metrics up to that checkpoint
+# in a trial's folder once CheckpointKeeper pruned it: its final result, which an older saved state may lack
+ENDED_NAME = "ended.json"
 SEARCH_FILE = "search.json"  # the resolved description of a search, so --resume needs nothing else
 SUMMARY_FILE = "summary.json"  # a search's results, written at its end (and at every interruption)
 TUNE_STATE_FILE = "tuner.pkl"  # Tune's own record of a search (Tuner.restore needs it): its presence marks one

@@ -220,7 +220,7 @@ def confirm_winner(
     callbacks += [wandb_callback] if spec.wandb_mode != "disabled" else []
     function = trainable(spec, data)
     if tune.Tuner.can_restore(f"{base['storage_path']}/{name}", storage_filesystem=base["storage_filesystem"]):
-        tuner = restore(f"{base['storage_path']}/{name}", function, callbacks, config.max_t, set(), base["storage_filesystem"])
+        tuner, _ = restore(f"{base['storage_path']}/{name}", function, callbacks, config.max_t, set(), base["storage_filesystem"])
     else:
         tune_settings = tune.TuneConfig(
             metric=config.metric,
@@ -457,17 +457,19 @@ def new_part(spec: SearchSpec) -> dict[str, Any]:
 
 def restore(
     experiment: str, function: Any, callbacks: list[tune.Callback], max_t: int, stopped: set[str], filesystem: Any = None
-) -> tune.Tuner:
-    """The Tuner of a saved search, from its newest state that reads (saved_state), with these callbacks; its
-    unfinished and errored trials go on, and so do those its state ended early without an end (`stopped`: the ones
-    a time budget stopped, which stay stopped)."""
+) -> tuple[tune.Tuner, saved_state.Repair]:
+    """The Tuner of a saved search, from its newest state that reads (saved_state), with these callbacks, and what
+    saved_state.repair made of that state: its unfinished and errored trials go on, and so do those it ended early
+    without an end (`stopped`: the ones a time budget stopped, which stay stopped); those pruned after their end
+    stay ended."""
     if warning := saved_state.restorable(experiment, filesystem):
         print(warning, file=sys.stderr, flush=True)
-    if warning := saved_state.reopen_unended(experiment, max_t, stopped, filesystem):
+    repaired = saved_state.repair(experiment, max_t, stopped, filesystem)
+    for warning in repaired.warnings:
         print(warning, file=sys.stderr, flush=True)
     tuner = tune.Tuner.restore(experiment, function, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem)
     replace_callbacks(tuner, callbacks)
-    return tuner
+    return tuner, repaired
 
 
 def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = ()) -> tuple[tune.ResultGrid, TrialClock, dict]:
@@ -485,12 +487,12 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
         callbacks.append(Progress(config.metric, config.mode, config.max_t, list(config.space)))
     failfast = FailFast(min(FIRST, spec.config.num_samples))
     callbacks.append(failfast)  # last: a failed trial's run and line come first
-    restored = None  # a resume: the trials Tune restores, which its sampler must agree with (grow.Part.restored)
+    restored: tuple = ()  # a resume: the trials Tune restores and those it ended again, for its sampler (grow.Part)
     if spec.resume:
         where = tune_storage(spec)
         experiment, filesystem = f"{where['storage_path']}/{spec.name}", where.get("storage_filesystem")
-        tuner = restore(experiment, function, callbacks, spec.config.max_t, set(record["budget_stopped"]), filesystem)
-        restored = saved_state.trial_ids(experiment, filesystem)
+        tuner, repaired = restore(experiment, function, callbacks, spec.config.max_t, set(record["budget_stopped"]), filesystem)
+        restored = repaired.trial_ids, repaired.ended
     else:
         tuner = tune.Tuner(
             function, param_space=spec.config.param_space(), tune_config=tune_config(spec), run_config=run_config(spec, callbacks)
@@ -501,7 +503,7 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
     wandb_callback.deadline = deadline
     preload_testing()
     try:
-        with tune_environment(spec.output), kept_out(spec.wandb_mode), this_part(spec.config.num_samples, deadline, restored):
+        with tune_environment(spec.output), kept_out(spec.wandb_mode), this_part(spec.config.num_samples, deadline, *restored):
             grid = tuner.fit()
     finally:  # also when FailFast stopped the search
         wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over

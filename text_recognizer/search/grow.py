@@ -22,6 +22,8 @@ ResultGrid, and `--resume` after a kill works as for any search. What Tune lacks
   had (the long chaos run: 998 trials, the sampler at 1,000, a search that could never end). On restore its count
   goes back to the trials Tune restored (`Part.restored`), so it draws the lost ones again (`reconcile_samples`,
   `reconcile_searcher_samples`, the same private reach as the sample count's).
+- the sampler hears of the trials a resume ended again (`end_in_sampler`): a state older than a trial's end
+  (saved_state.repair) restores a sampler that still waits for it, and Tune never tells it.
 - ASHA's rungs survive a restore: Tune never saves the scheduler's state, so a restored ASHA would judge new trials
   against empty rungs. ResumableASHA refills each restored trial's rungs from its result.json.
 
@@ -34,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -50,16 +52,23 @@ class Part:
     num_samples: int | None = None
     deadline: float | None = None
     restored: frozenset[str] | None = None  # the ids of the trials in the saved state Tune restores (a resume)
+    ended: Mapping[str, dict] = {}  # the final results of trials the resume ended again (saved_state.repair)
 
 
 @contextmanager
-def this_part(num_samples: int, deadline: float | None, restored: Collection[str] | None = None) -> Iterator[None]:
+def this_part(
+    num_samples: int,
+    deadline: float | None,
+    restored: Collection[str] | None = None,
+    ended: Mapping[str, dict] | None = None,
+) -> Iterator[None]:
     Part.num_samples, Part.deadline = num_samples, deadline
     Part.restored = frozenset(restored) if restored is not None else None
+    Part.ended = dict(ended or {})
     try:
         yield
     finally:
-        Part.num_samples, Part.deadline, Part.restored = None, None, None
+        Part.num_samples, Part.deadline, Part.restored, Part.ended = None, None, None, {}
 
 
 def has_time() -> bool:
@@ -138,12 +147,27 @@ def reconcile_searcher_samples(generator: SearchGenerator, restored: Collection[
     return lost
 
 
+def end_in_sampler(generator: BasicVariantGenerator | SearchGenerator, ended: Mapping[str, dict]) -> list[str]:
+    """Tell a restored sampler that these trials ended, with their final results, where it still waits for them:
+    its saved state may be as old as the trials' (saved_state.repair ended them again), and Tune, which restores
+    them ended, never tells it. A random sampler forgets them (public and idempotent); a concurrency limit (a
+    ConcurrencyLimiter's live trials) passes them on to its searcher, as Tune would have, or would wait for them
+    forever. Without a limit nothing waits: Optuna's study keeps them running, without their values. Returns the
+    ids it told."""
+    live = set(getattr(generator.searcher, "live_trials", ())) if isinstance(generator, SearchGenerator) else set(ended)
+    told = [trial_id for trial_id in ended if trial_id in live]
+    for trial_id in told:
+        generator.on_trial_complete(trial_id, result=ended[trial_id])
+    return told
+
+
 class GrowingVariantGenerator(BasicVariantGenerator):
     """Tune's random sampler, made to agree with the trials Tune restored and raised to this part's sample count
     whenever Tune restores it."""
 
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
+        end_in_sampler(self, Part.ended)
         if Part.restored is not None:
             reconcile_samples(self, Part.restored)
         if Part.num_samples:
@@ -156,6 +180,7 @@ class GrowingSearchGenerator(SearchGenerator):
 
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
+        end_in_sampler(self, Part.ended)
         if Part.restored is not None:
             reconcile_searcher_samples(self, Part.restored)
         if Part.num_samples:

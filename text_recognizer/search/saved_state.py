@@ -6,7 +6,7 @@ the driver's staging folder and copies them to storage without a rename, so a dr
 cut short there. Tune restores from the newest set by name; when that one does not read, it logs an error and starts
 the search again from nothing under the same name (seen in the long chaos run: 436 trials dropped for a new search
 of 1). So, before a restore, every set newer than the newest that reads is moved aside, as <file>.unreadable (kept,
-never deleted), and Tune restores that one. The ids of the trials it holds (`trial_ids`) let the search algorithm,
+never deleted), and Tune restores that one. The ids of the trials it holds (`repair`'s) let the search algorithm,
 saved in another file of the set and restored from the driver's staging folder, agree with it (grow.reconcile_*).
 The sets older than the one restored go into superseded-state/ (kept): Tune downloads every .json and .pkl of the
 search folder at each restore and uploads them all again at each save.
@@ -27,13 +27,14 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
 from ray import cloudpickle, tune
 from ray.train._internal.storage import get_fs_and_path
 
-from text_recognizer.facts import TrialStatus, its_end, trial_status
+from text_recognizer.facts import ENDED_NAME, TrialStatus, its_end, trial_status
 from text_recognizer.util import UserError
 
 STATE_FILE = re.compile(r"(?:experiment_state|basic-variant-state|search_gen_state|searcher-state)-(.+)\.(?:json|pkl)")
@@ -111,48 +112,74 @@ def newest_state(fs: pafs.FileSystem, root: str) -> str | None:
     return max((name for name in names if name.startswith("experiment_state-") and name.endswith(".json")), default=None)
 
 
-def trial_ids(experiment: str, storage_filesystem: pafs.FileSystem | None = None) -> set[str]:
-    """The ids of the trials in the saved state Tune restores (its newest experiment_state, by name, as Tune picks)."""
+@dataclass
+class Repair:
+    """What `repair` found in (and did to) the saved state Tune restores."""
+
+    trial_ids: set[str]  # every trial in it: the search algorithm must agree with them (grow.Part.restored)
+    ended: dict[str, dict[str, Any]]  # trials it had unended that a pruning had ended: their final results
+    warnings: list[str]  # one line each
+
+
+def ended_results(fs: pafs.FileSystem, root: str, trials: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The final results CheckpointKeeper left (ENDED_NAME) in these trials' folders, by trial id: one file check a
+    trial (one batch of requests on S3); a file that does not read counts as none."""
+    paths = {t["trial_id"]: f"{root}/{t['relative_logdir']}/{ENDED_NAME}" for t in trials if t.get("relative_logdir")}
+    results = {}
+    for (trial_id, path), info in zip(paths.items(), fs.get_file_info(list(paths.values())), strict=True):
+        if info.type != pafs.FileType.File:
+            continue
+        try:
+            with fs.open_input_stream(path) as stream:
+                results[trial_id] = json.loads(stream.readall())
+        except (OSError, ValueError):
+            continue
+    return results
+
+
+def repair(experiment: str, max_t: int, stopped: set[str], storage_filesystem: pafs.FileSystem | None = None) -> Repair:
+    """Make the saved state Tune restores (its newest experiment_state, by name, as Tune picks) agree with each
+    trial's end, in one read and at most one write of it:
+
+    - A trial whose folder has ENDED_NAME ended, and CheckpointKeeper pruned it to its best checkpoint, weights only.
+      A state that still has it unended is older than that end (the resume fell back to WholeState's copy, up to
+      WHOLE_EVERY_S older, as Tune's own was cut by a killed driver). Tune would resume it from checkpoints that are
+      gone or weights only, and Lightning refuses those: the trial ended in `error` (the long chaos run of
+      2026-12-03, trial 00784). It goes back to TERMINATED with its final result.
+    - A trial Tune's state has ended (TERMINATED) whose last result is not an end goes back to PENDING, so that the
+      resume runs it on from its newest checkpoint. Not an end: what summary.json would call interrupted or pending
+      (facts.its_end, trial_status: no `done`, fewer than max_t epochs, not diverged), and no time budget stopped it
+      (`stopped`, search.json's budget_stopped: those stay stopped). Tune would never run it again, and every
+      --resume exited 130 with it interrupted (the same run, trial 00170: a resumed driver ended it after its first
+      epoch's result, which said go on, and handed its actor to the next trial 0.5 s later; how Tune came to was
+      not found)."""
     fs, root = get_fs_and_path(experiment, storage_filesystem)
     if (newest := newest_state(fs, root)) is None:
-        return set()
+        return Repair(set(), {}, [])
     with fs.open_input_stream(f"{root}/{newest}") as stream:
         state = json.loads(stream.readall())
-    return {json.loads(trial_state)["trial_id"] for trial_state, _ in state["trial_data"]}
-
-
-def reopen_unended(
-    experiment: str, max_t: int, stopped: set[str], storage_filesystem: pafs.FileSystem | None = None
-) -> str | None:
-    """Trials Tune's saved state has ended (TERMINATED) whose last result is not an end go back to PENDING in the
-    state Tune restores, so that the resume runs them on from their newest checkpoint; returns a one-line warning
-    naming them, None when there are none. Not an end: what summary.json would call interrupted or pending
-    (facts.its_end, trial_status: no `done`, fewer than max_t epochs, not diverged), and no time budget stopped it
-    (`stopped`, search.json's budget_stopped: those stay stopped).
-
-    Tune would never run such a trial again, and the search could never end: every --resume exited 130 with it
-    interrupted (the long chaos run of 2026-12-03, trial 00170: a resumed driver ended it after its first epoch's
-    result, which said go on, and handed its actor to the next trial 0.5 s later; how Tune came to was not found)."""
-    fs, root = get_fs_and_path(experiment, storage_filesystem)
-    if (newest := newest_state(fs, root)) is None:
-        return None
-    with fs.open_input_stream(f"{root}/{newest}") as stream:
-        state = json.loads(stream.readall())
-    reopened = []
-    for entry in state["trial_data"]:
-        trial, metadata = json.loads(entry[0]), json.loads(entry[1])
-        last = metadata.get("last_result") or {}
-        unended = trial_status(its_end(trial["trial_id"], last, (), max_t), max_t) not in TrialStatus.FINAL
-        if trial["status"] == "TERMINATED" and unended and trial["trial_id"] not in stopped:
+    entries = [(entry, json.loads(entry[0]), json.loads(entry[1])) for entry in state["trial_data"]]
+    ended = ended_results(fs, root, [trial for _, trial, _ in entries if trial["status"] != "TERMINATED"])
+    reopened, closed = [], []
+    for entry, trial, metadata in entries:
+        trial_id, last = trial["trial_id"], metadata.get("last_result") or {}
+        if trial_id in ended:
+            trial["status"], metadata["last_result"] = "TERMINATED", ended[trial_id]
+            entry[0], entry[1] = json.dumps(trial), json.dumps(metadata)
+            closed.append(f"{trial_id} (epoch {ended[trial_id].get('training_iteration', 0)} of {max_t})")
+            continue
+        unended = trial_status(its_end(trial_id, last, (), max_t), max_t) not in TrialStatus.FINAL
+        if trial["status"] == "TERMINATED" and unended and trial_id not in stopped:
             trial["status"] = "PENDING"
             entry[0] = json.dumps(trial)
-            reopened.append(f"{trial['trial_id']} (epoch {last.get('training_iteration', 0)} of {max_t})")
-    if not reopened:
-        return None
-    with fs.open_output_stream(f"{root}/{newest}{PART}") as stream:  # whole or not at all, as WholeState writes
-        stream.write(json.dumps(state).encode())
-    fs.move(f"{root}/{newest}{PART}", f"{root}/{newest}")
-    return f"warning: Tune's saved state ended trials {', '.join(reopened)} without their end: they run on"
+            reopened.append(f"{trial_id} (epoch {last.get('training_iteration', 0)} of {max_t})")
+    warnings = [f"warning: Tune's saved state ended trials {', '.join(reopened)} without their end: they run on"] * bool(reopened)
+    warnings += [f"warning: the saved state is older than the end of trials {', '.join(closed)}: they stay ended"] * bool(closed)
+    if warnings:
+        with fs.open_output_stream(f"{root}/{newest}{PART}") as stream:  # whole or not at all, as WholeState writes
+            stream.write(json.dumps(state).encode())
+        fs.move(f"{root}/{newest}{PART}", f"{root}/{newest}")
+    return Repair({trial["trial_id"] for _, trial, _ in entries}, ended, warnings)
 
 
 def copy_whole(staging: str, fs: pafs.FileSystem, root: str) -> list[str]:

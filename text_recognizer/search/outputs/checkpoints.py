@@ -4,7 +4,8 @@
   gone from storage (the driver was killed after Tune deleted one but before the state that says so reached the
   storage, which on S3 happens later). Tune would then refuse to restore the trial and end it in `error`. Instead
   the trial resumes from its newest checkpoint that is on storage, or from scratch, and the search says so in one line.
-- `CheckpointKeeper` (a Tune callback): once a trial has ended, only its best checkpoint is left, weights only.
+- `CheckpointKeeper` (a Tune callback): once a trial has ended, only its best checkpoint is left, weights only,
+  and its final result in ENDED_NAME beside them, so that a resume from an older saved state ends it again.
   Unfinished trials keep what Tune keeps for `--resume`; a trial that errored keeps both, as `--resume` retries it
   from its newest.
 - `keep_best_trials`: at the end of a finished search, the checkpoints of its best trials only.
@@ -26,7 +27,7 @@ from typing import Any
 import pyarrow.fs
 from ray import tune
 
-from text_recognizer.facts import CHECKPOINT_NAME, HISTORY_NAME, TRIAL_PREFIX, TrialStatus, search_ended
+from text_recognizer.facts import CHECKPOINT_NAME, ENDED_NAME, HISTORY_NAME, TRIAL_PREFIX, TrialStatus, search_ended
 from text_recognizer.search.trial.resume import FOLDER, WARNING_KEY, checkpoint_folders, index, siblings
 
 TRAINER_STATE = ("optimizer_states", "lr_schedulers", "callbacks")  # what Lightning leaves out of weights-only files
@@ -203,11 +204,22 @@ class CheckpointKeeper(tune.Callback):
             prune(trial)
 
 
+def write_ended(trial: Any, best: tune.Checkpoint) -> None:
+    """The trial's final result, as ENDED_NAME in its folder (whole or not at all), before pruning takes what an
+    older saved state would resume it from: a resume that falls back to one ends it again from this
+    (saved_state.repair)."""
+    fs, path = best.filesystem, posixpath.join(posixpath.dirname(best.path.rstrip("/")), ENDED_NAME)
+    with fs.open_output_stream(path + ".partial") as stream:
+        stream.write(json.dumps(trial.last_result, default=repr).encode())
+    fs.move(path + ".partial", path)
+
+
 def prune(trial: Any) -> None:
     best, _ = tracked(trial)
     if best is None:
         return
     try:
+        write_ended(trial, best)  # first: if it fails, nothing is pruned
         keep_only(best)
     except Exception as error:  # pruning saves space; it never ends a search
         print(f"warning: trial {trial.trial_id}: its checkpoints were not pruned ({error})", file=sys.stderr, flush=True)
