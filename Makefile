@@ -35,7 +35,7 @@ bench-full: install  ## the full benchmark: 50-sample searches, ours and the tex
 bench-quality: install  ## float32 vs --precision auto on fashion_mlp_asha: 3 seeds each, 5 minutes a search (about 35 minutes)
 	$(PYTHON) benchmarks/quality.py --compare precision --time-budget 300s
 
-bench-chaos: install  ## faults from a seed (killed workers, forks, driver; a node replaced; a truncated checkpoint) on a 2-node cluster; SCHEDULE=long for 120 faults over 1,000 trials
+bench-chaos: install  ## faults from a seed (killed workers, forks, driver; a node replaced; a truncated checkpoint) on a 2-node cluster; SCHEDULE=long for 100+ faults over 2,200 trials
 	$(PYTHON) benchmarks/chaos.py --schedule $(or $(SCHEDULE),short) --seed $(or $(SEED),0)
 	$(PYTHON) benchmarks/chaos.py --schedule $(or $(SCHEDULE),short) --seed $(or $(SEED),0) --trial-process fork
 

@@ -73,7 +73,9 @@ space:
 # after 27 of 119 faults (2026-12-02), so the long schedule has 1,000 trials for its 120
 # after 2026-12-03's cut of a driver's fixed cost (restarts are faster), the actor mode's 70-trial search ended
 # before its checkpoint_truncate in 2 of 2 clean-clone runs (baseline 38 s, was 67 s): now 120
-SCHEDULES = {"short": (120, 8, (2.0, 6.0)), "long": (1000, 120, (0.5, 2.5))}
+# the two long runs of 2026-12-03 landed 53 and 50 faults before their 1,000 trials ended (some 20 trials a fault),
+# so the long schedule samples 2,200 for its 100 faults or more, and draws more than it can land
+SCHEDULES = {"short": (120, 8, (2.0, 6.0)), "long": (2200, 160, (0.5, 2.5))}
 # a fork-mode trial starts and trains faster: its 70-trial search ended before 2 of its 8 faults in 5 of 6 runs
 # (2026-12-02), a 120-trial one (with forks found alive) in 1 of 2, so the short schedule samples more for it
 FORK_SHORT_TRIALS = 180
