@@ -15,8 +15,8 @@ from ray import tune
 from ray.tune import ExperimentAnalysis
 
 from text_recognizer.facts import CHECKPOINT_NAME, ENDED_NAME, HISTORY_NAME
-from text_recognizer.search.outputs.checkpoints import keep_only, repair_tracked
-from text_recognizer.search.trial.resume import resumable
+from text_recognizer.search.outputs.checkpoints import keep_only, repair_tracked, weights_only
+from text_recognizer.search.trial.resume import model_only, resumable
 
 
 def write_trial(folder: Path, epochs: int) -> list[Path]:
@@ -270,3 +270,19 @@ def test_pruning_leaves_the_trial_s_final_result_beside_its_best_checkpoint(tmp_
     ended = json.loads((trial_dir / ENDED_NAME).read_text())
     assert {key: ended[key] for key in final} == final
     assert not list(trial_dir.glob("*.partial"))
+
+
+def test_a_weights_only_checkpoint_is_not_resumed_from(tmp_path: Path) -> None:
+    """A pruned trial's best checkpoint (weights only) restored by a state older than its end: Lightning would refuse
+    it ("checkpoint contains only the model") at every retry. The trial resumes from an older full one, or from
+    scratch, with one warning."""
+    files = write_trial(tmp_path / "trial", 2)
+    assert not model_only(str(files[1]))
+    weights_only(tune.Checkpoint(str(files[1].parent)))
+    assert model_only(str(files[1]))
+    path, warning = resumed(files[1])
+    assert path == str(files[0])
+    assert warning == "unreadable checkpoint checkpoint_000001/model.ckpt (weights only): resumed from checkpoint_000000"
+    keep_only(tune.Checkpoint(str(files[1].parent)))
+    path, warning = resumed(files[1])
+    assert path is None and warning == "unreadable checkpoint checkpoint_000001/model.ckpt (weights only): restarted from scratch"

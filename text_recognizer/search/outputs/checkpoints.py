@@ -27,10 +27,16 @@ from typing import Any
 import pyarrow.fs
 from ray import tune
 
-from text_recognizer.facts import CHECKPOINT_NAME, ENDED_NAME, HISTORY_NAME, TRIAL_PREFIX, TrialStatus, search_ended
+from text_recognizer.facts import (
+    CHECKPOINT_NAME,
+    ENDED_NAME,
+    HISTORY_NAME,
+    TRAINER_STATE,
+    TRIAL_PREFIX,
+    TrialStatus,
+    search_ended,
+)
 from text_recognizer.search.trial.resume import FOLDER, WARNING_KEY, checkpoint_folders, index, siblings
-
-TRAINER_STATE = ("optimizer_states", "lr_schedulers", "callbacks")  # what Lightning leaves out of weights-only files
 
 
 def weights_only(checkpoint: tune.Checkpoint) -> bool:

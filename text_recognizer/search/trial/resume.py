@@ -1,11 +1,13 @@
 """Runs in Tune's trial actors: the checkpoint a resumed trial starts from. Its newest one may be unreadable (a file
-truncated by a full disk or a killed copy); it then falls back to the one before, or to scratch, and says so in one
-line. Checkpoints live in Tune's storage, a folder or a URI: every file operation goes through the checkpoint's own
-pyarrow filesystem. No torch here: a fork-mode actor checks checkpoints and never loads it."""
+truncated by a full disk or a killed copy) or weights only (pruned once its trial ended, then restored by a state
+older than that end); it then falls back to the one before, or to scratch, and says so in one line. Checkpoints
+live in Tune's storage, a folder or a URI: every file operation goes through the checkpoint's own pyarrow
+filesystem. No torch here: a fork-mode actor checks checkpoints and never loads it."""
 
 from __future__ import annotations
 
 import os
+import pickletools
 import posixpath
 import re
 import zipfile
@@ -15,7 +17,7 @@ from contextlib import contextmanager
 import pyarrow.fs
 from ray import tune
 
-from text_recognizer.facts import CHECKPOINT_NAME
+from text_recognizer.facts import CHECKPOINT_NAME, TRAINER_STATE
 
 FOLDER = re.compile(r"checkpoint_(\d+)$")  # Tune's name for a trial's checkpoint folders
 WARNING_KEY = "checkpoint_warning"  # a result's note that the trial did not resume from its newest checkpoint
@@ -54,6 +56,19 @@ def unreadable(path: str) -> str | None:
     return f"{bad} fails its CRC check" if bad else None
 
 
+def model_only(path: str) -> bool:
+    """Whether the (readable) model file at `path` holds the model alone, as CheckpointKeeper leaves an ended trial's
+    best: Lightning refuses to resume training from one ("checkpoint contains only the model"), so a trial Tune
+    restores from it would end in error. Read without torch: the names in the archive's pickle (pickletools parses,
+    never runs it) lack the trainer's optimizer state."""
+    with zipfile.ZipFile(path) as archive:
+        pickled = next((name for name in archive.namelist() if name.endswith("/data.pkl")), None)
+        if pickled is None:
+            return False
+        names = {arg for _, arg, _ in pickletools.genops(archive.read(pickled)) if isinstance(arg, str)}
+    return TRAINER_STATE[0] not in names
+
+
 @contextmanager
 def resumable(newest: tune.Checkpoint | None) -> Iterator[tuple[str | None, str | None]]:
     """The model file a trial resumes from (None: from scratch), and a one-line warning when that is not `newest`:
@@ -65,7 +80,7 @@ def resumable(newest: tune.Checkpoint | None) -> Iterator[tuple[str | None, str 
     for candidate in [c for c in siblings(newest) if index(c) <= index(newest)] or [newest]:
         with candidate.as_directory() as directory:
             path = os.path.join(directory, CHECKPOINT_NAME)  # a local folder
-            problem = unreadable(path)
+            problem = unreadable(path) or ("weights only" if model_only(path) else None)
             if problem is None:
                 yield path, fallback_warning(skipped, posixpath.basename(candidate.path.rstrip("/")))
                 return
