@@ -159,6 +159,12 @@ def lines(path: Path) -> list[dict]:
 # polls every trial 5 times a second: reading 1,000 trials' files took 68 ms a poll, a third of a core that the
 # search needs (12 ms a poll this way)
 _READ: dict[Path, tuple[int, list[dict]]] = {}
+# when a trial's result.json last grew. Once a node is replaced, Tune's actor reuse can keep one warm actor busy
+# and start the other node's over and over: its trials train 3 epochs in under a second, their rows land together,
+# and a row without `done` was seen in no poll for 8 minutes (the long run of 2026-12-03, no fault landed then)
+_GREW = [0.0]
+TRAINING_WINDOW_S = 2.0  # rows written this recently: the search is training
+TRIAL_ACTOR = "ray::ResourceTrainable"  # the process title of Tune's trial actors (function trainables)
 
 
 def results(search_dir: Path) -> dict[str, list[dict]]:
@@ -170,7 +176,7 @@ def results(search_dir: Path) -> dict[str, list[dict]]:
         except OSError:
             continue
         if path not in _READ or _READ[path][0] != size:
-            _READ[path] = (size, lines(path))
+            _READ[path], _GREW[0] = (size, lines(path)), time.time()
         found[path.parent.name.removeprefix("trial_")] = _READ[path][1]
     return found
 
@@ -188,9 +194,29 @@ def running_trials(chaos: Chaos, key: str = "pid") -> list[dict]:
     return found
 
 
+def trial_actors() -> list[psutil.Process]:
+    """Tune's live trial actors on the cluster's nodes (all on this machine), by process title."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if (process.info["cmdline"] or [""])[0].startswith(TRIAL_ACTOR):
+            found.append(process)
+    return sorted(found, key=lambda process: process.pid)
+
+
 def kill_trial(chaos: Chaos, rng: random.Random, key: str) -> bool:
-    """SIGKILL a running trial's actor (key pid) or its fork (trial_pid)."""
+    """SIGKILL a running trial's actor (key pid) or its fork (trial_pid). With no row of a trial in training (its
+    epochs come faster than the polls), a live trial actor of the search instead: it trains a trial, or is
+    starting or handed one."""
     trials = running_trials(chaos, key)
+    if not trials and key == "pid" and (actors := trial_actors()):
+        actor = rng.choice(actors)
+        try:
+            actor.kill()
+        except psutil.NoSuchProcess:
+            return False
+        chaos.pids.add(actor.pid)
+        chaos.note(f"SIGKILL trial actor {actor.pid} (no trial row in training seen)")
+        return True
     if not trials:
         return False
     row = rng.choice(sorted(trials, key=lambda r: r["trial_id"]))
@@ -263,8 +289,9 @@ def truncate_newest(chaos: Chaos, rng: random.Random) -> bool:
 
 
 def ready(chaos: Chaos) -> bool:
-    """The driver has trials running: a fault now hits a search in progress."""
-    return bool(running_trials(chaos))
+    """The driver has trials running, or wrote a trial's row within TRAINING_WINDOW_S: a fault now hits a search in
+    progress."""
+    return bool(running_trials(chaos)) or time.time() - _GREW[0] < TRAINING_WINDOW_S
 
 
 def inject(chaos: Chaos, rng: random.Random, kind: str) -> bool:
