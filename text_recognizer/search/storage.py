@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow
@@ -192,14 +193,26 @@ def read_probe(storage: str, relative: str) -> str:
         return f"error: {first_line(error)}"
 
 
-def check_every_node_sees(storage: str, timeout: float = 120) -> None:
+def answer(probe: Any) -> str:
+    """A finished probe's text, or why its task failed (its node gone, say)."""
+    import ray
+
+    try:
+        return ray.get(probe)
+    except ray.exceptions.RayError as error:
+        return f"error: {first_line(error)}"
+
+
+def check_every_node_sees(storage: str, timeout: float = 120, nodes: list[dict] | None = None) -> None:
     """On a cluster of several nodes, UserError when another node can't read a probe the driver wrote to the
-    storage: a folder that only the driver's node has, or a URI the node has no credentials for."""
+    storage: a folder that only the driver's node has, or a URI the node has no credentials for. `nodes`: Ray's
+    list of them (ray.nodes()). A node that is gone by the end of the check is not asked: a driver started as a
+    node was lost (the chaos benchmark's node_replace) crashed on its unschedulable probe."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
-    others = [node for node in ray.nodes() if node["Alive"] and node["NodeID"] != here]
+    others = [node for node in (ray.nodes() if nodes is None else nodes) if node["Alive"] and node["NodeID"] != here]
     if not others:
         return
     token = uuid.uuid4().hex
@@ -208,15 +221,16 @@ def check_every_node_sees(storage: str, timeout: float = 120) -> None:
     try:
         task = ray.remote(num_cpus=0, max_retries=0)(read_probe)
         pinned = [NodeAffinitySchedulingStrategy(node["NodeID"], soft=False) for node in others]
-        seen = ray.get([task.options(scheduling_strategy=where).remote(storage, relative) for where in pinned], timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        seen = [f"no answer in {timeout:g} s"] * len(others)
+        probes = [task.options(scheduling_strategy=where).remote(storage, relative) for where in pinned]
+        answered, _ = ray.wait(probes, num_returns=len(probes), timeout=timeout)
+        seen = [answer(probe) if probe in answered else f"no answer in {timeout:g} s" for probe in probes]
     finally:
         remove_probe(storage, relative)
+    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
     blind = [
         (f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})", text)
         for node, text in zip(others, seen, strict=True)
-        if text != token
+        if text != token and node["NodeID"] in alive
     ]
     if blind:
         address, text = blind[0]
