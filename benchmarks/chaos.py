@@ -97,6 +97,7 @@ class Chaos:
     data_dir: Path
     driver: subprocess.Popen | None = None
     launches: int = 0
+    launched: float = 0.0  # when the driver now running started
     injected: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     log: list[str] = field(default_factory=list)
@@ -138,7 +139,7 @@ def launch(chaos: Chaos, resume: bool) -> None:
         (chaos.folder / "chaos.yaml").write_text(f"{CONFIG}seed: {args.seed}\n")  # the sampler's seed
         flags = ["--config", str(chaos.folder / "chaos.yaml"), "--num-samples", str(args.trials), "--wandb-mode", "offline"]
         flags += ["--trial-process", args.trial_process, f"--data_dir={chaos.data_dir}"]
-    chaos.launches += 1
+    chaos.launches, chaos.launched = chaos.launches + 1, time.time()
     out = open(chaos.folder / f"driver-{chaos.launches}.log", "w")  # closed with the process
     command = [sys.executable, str(ROOT / "search" / "tune_mlp.py"), *common, *flags]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -159,7 +160,7 @@ def lines(path: Path) -> list[dict]:
 # polls every trial 5 times a second: reading 1,000 trials' files took 68 ms a poll, a third of a core that the
 # search needs (12 ms a poll this way)
 _READ: dict[Path, tuple[int, list[dict]]] = {}
-# when a trial's result.json last grew. Once a node is replaced, Tune's actor reuse can keep one warm actor busy
+# when a trial's result.json last grew (its mtime). Once a node is replaced, Tune's actor reuse can keep one warm actor busy
 # and start the other node's over and over: its trials train 3 epochs in under a second, their rows land together,
 # and a row without `done` was seen in no poll for 8 minutes (the long run of 2026-12-03, no fault landed then)
 _GREW = [0.0]
@@ -172,11 +173,11 @@ def results(search_dir: Path) -> dict[str, list[dict]]:
     for folder in search_dir.glob("trial_*"):
         path = folder / "result.json"
         try:
-            size = path.stat().st_size
+            stat = path.stat()
         except OSError:
             continue
-        if path not in _READ or _READ[path][0] != size:
-            _READ[path], _GREW[0] = (size, lines(path)), time.time()
+        if path not in _READ or _READ[path][0] != stat.st_size:
+            _READ[path], _GREW[0] = (stat.st_size, lines(path)), max(_GREW[0], stat.st_mtime)
         found[path.parent.name.removeprefix("trial_")] = _READ[path][1]
     return found
 
@@ -289,9 +290,10 @@ def truncate_newest(chaos: Chaos, rng: random.Random) -> bool:
 
 
 def ready(chaos: Chaos) -> bool:
-    """The driver has trials running, or wrote a trial's row within TRAINING_WINDOW_S: a fault now hits a search in
-    progress."""
-    return bool(running_trials(chaos)) or time.time() - _GREW[0] < TRAINING_WINDOW_S
+    """The driver has trials running, or wrote a trial's row within TRAINING_WINDOW_S since it started: a fault now
+    hits a search in progress, not a driver still starting (a read-only folder then stops it: see docs)."""
+    recent = _GREW[0] > chaos.launched and time.time() - _GREW[0] < TRAINING_WINDOW_S
+    return bool(running_trials(chaos)) or recent
 
 
 def inject(chaos: Chaos, rng: random.Random, kind: str) -> bool:
