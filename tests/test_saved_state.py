@@ -199,34 +199,51 @@ def test_a_trial_a_pruning_ended_stays_ended_in_an_older_state(local_ray: None, 
     assert sorted(rows.values()) == [2, 2], rows
 
 
+def finished_search(tmp_path: Path, name: str, launch_search) -> tuple[Path, str]:
+    """The real search, 2 trials of 5 tiny epochs, finished; returns its folder and its first trial's id."""
+    config = FIVE_EPOCHS.replace("limit_train_batches: 60", "limit_train_batches: 5, limit_val_batches: 2")
+    finish(launch_search(tmp_path, name, config, "--num-samples", "2", "--max-concurrent", "2"))
+    search_dir = tmp_path / name
+    return search_dir, sorted(summary_of(search_dir)["trials"], key=lambda row: row["trial_id"])[0]["trial_id"]
+
+
+def set_saved_trial(search_dir: Path, trial_id: str, status: str | None, last_result: dict) -> None:
+    """Make a trial's entry in every saved state (Tune's own copy and WholeState's) have this status (None: as it
+    is) and last result."""
+    for path in search_dir.glob("experiment_state-*.json"):
+        state = json.loads(path.read_text())
+        for entry in state["trial_data"]:
+            trial, metadata = json.loads(entry[0]), json.loads(entry[1])
+            if trial["trial_id"] == trial_id:
+                trial["status"], metadata["last_result"] = status or trial["status"], last_result
+                entry[0], entry[1] = json.dumps(trial), json.dumps(metadata)
+        path.write_text(json.dumps(state))
+
+
+def resume_to_the_end(tmp_path: Path, name: str, launch_search, trial_id: str, warning: str) -> None:
+    """--resume the search: it exits 0 with the warning line, and both trials are completed, trial_id's 5 epochs."""
+    resumed = launch_search(tmp_path, name, None, "--resume")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert warning in stderr
+    rows = {row["trial_id"]: row for row in summary_of(tmp_path / name)["trials"]}
+    assert (rows[trial_id]["status"], rows[trial_id]["epochs"]) == ("completed", 5), rows[trial_id]
+    assert summary_of(tmp_path / name)["statuses"] == {"completed": 2}
+
+
 @pytest.mark.slow
 def test_a_resume_trains_on_a_trial_its_state_ended_early(tmp_path: Path, launch_search) -> None:
     """The real search, its saved state then made as the long chaos run left trial 00170 (TERMINATED, its last
     result at epoch 1 of 5 with no `done`, its checkpoints gone): without the repair every --resume would exit 130
     with the trial interrupted. --resume says so in one line, trains it to its end, and exits 0."""
-    config = FIVE_EPOCHS.replace("limit_train_batches: 60", "limit_train_batches: 5, limit_val_batches: 2")
-    finish(launch_search(tmp_path, "early", config, "--num-samples", "2", "--max-concurrent", "2"))
-    search_dir = tmp_path / "early"
-    a = sorted(summary_of(search_dir)["trials"], key=lambda row: row["trial_id"])[0]["trial_id"]
+    search_dir, a = finished_search(tmp_path, "early", launch_search)
     first = complete_lines(search_dir / f"trial_{a}" / "result.json")[0]
-    for path in search_dir.glob("experiment_state-*.json"):  # Tune's own copy and WholeState's
-        state = json.loads(path.read_text())
-        for entry in state["trial_data"]:
-            if json.loads(entry[0])["trial_id"] == a:
-                metadata = json.loads(entry[1])
-                metadata["last_result"] = {**first, "done": False}
-                entry[1] = json.dumps(metadata)
-        path.write_text(json.dumps(state))
+    set_saved_trial(search_dir, a, None, {**first, "done": False})
     for folder in (search_dir / f"trial_{a}").glob("checkpoint_*"):
         shutil.rmtree(folder)
 
-    resumed = launch_search(tmp_path, "early", None, "--resume")
-    _, stderr = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, stderr[-3000:]
-    assert f"warning: Tune's saved state ended trials {a} (epoch 1 of 5) without their end: they run on" in stderr
-    rows = {row["trial_id"]: row for row in summary_of(search_dir)["trials"]}
-    assert (rows[a]["status"], rows[a]["epochs"]) == ("completed", 5), rows[a]
-    assert summary_of(search_dir)["statuses"] == {"completed": 2}
+    warning = f"warning: Tune's saved state ended trials {a} (epoch 1 of 5) without their end: they run on"
+    resume_to_the_end(tmp_path, "early", launch_search, a, warning)
 
 
 @pytest.mark.slow
@@ -236,26 +253,11 @@ def test_a_resume_from_a_state_older_than_a_pruned_trial_s_end_loses_nothing(tmp
     RUNNING at epoch 2 of 5. Without the repair Tune resumes a from the weights-only checkpoint, Lightning refuses
     ("contains only the model") at every retry and a ends in error. With it --resume says so in one line, keeps a
     completed with its 5 epochs, and exits 0."""
-    config = FIVE_EPOCHS.replace("limit_train_batches: 60", "limit_train_batches: 5, limit_val_batches: 2")
-    finish(launch_search(tmp_path, "older", config, "--num-samples", "2", "--max-concurrent", "2"))
-    search_dir = tmp_path / "older"
-    a = sorted(summary_of(search_dir)["trials"], key=lambda row: row["trial_id"])[0]["trial_id"]
+    search_dir, a = finished_search(tmp_path, "older", launch_search)
     assert (search_dir / f"trial_{a}" / ENDED_NAME).is_file()
     second = complete_lines(search_dir / f"trial_{a}" / "result.json")[1]
-    for path in search_dir.glob("experiment_state-*.json"):  # Tune's own copy and WholeState's
-        state = json.loads(path.read_text())
-        for entry in state["trial_data"]:
-            trial, metadata = json.loads(entry[0]), json.loads(entry[1])
-            if trial["trial_id"] == a:
-                trial["status"], metadata["last_result"] = "RUNNING", {**second, "done": False}
-                entry[0], entry[1] = json.dumps(trial), json.dumps(metadata)
-        path.write_text(json.dumps(state))
+    set_saved_trial(search_dir, a, "RUNNING", {**second, "done": False})
 
-    resumed = launch_search(tmp_path, "older", None, "--resume")
-    _, stderr = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, stderr[-3000:]
-    assert f"warning: the saved state is older than the end of trials {a} (epoch 5 of 5): they stay ended" in stderr
-    rows = {row["trial_id"]: row for row in summary_of(search_dir)["trials"]}
-    assert (rows[a]["status"], rows[a]["epochs"]) == ("completed", 5), rows[a]
-    assert summary_of(search_dir)["statuses"] == {"completed": 2}
+    warning = f"warning: the saved state is older than the end of trials {a} (epoch 5 of 5): they stay ended"
+    resume_to_the_end(tmp_path, "older", launch_search, a, warning)
     assert not (search_dir / f"trial_{a}" / "error.txt").exists()
