@@ -204,22 +204,26 @@ def trial_actors() -> list[psutil.Process]:
     return sorted(found, key=lambda process: process.pid)
 
 
+def kill_actor(chaos: Chaos, rng: random.Random) -> bool:
+    """SIGKILL a live trial actor of the search: it trains a trial, or is starting or handed one."""
+    if not (actors := trial_actors()):
+        return False
+    actor = rng.choice(actors)
+    try:
+        actor.kill()
+    except psutil.NoSuchProcess:
+        return False
+    chaos.pids.add(actor.pid)
+    chaos.note(f"SIGKILL trial actor {actor.pid} (no trial row in training seen)")
+    return True
+
+
 def kill_trial(chaos: Chaos, rng: random.Random, key: str) -> bool:
     """SIGKILL a running trial's actor (key pid) or its fork (trial_pid). With no row of a trial in training (its
-    epochs come faster than the polls), a live trial actor of the search instead: it trains a trial, or is
-    starting or handed one."""
+    epochs come faster than the polls), a live trial actor instead (kill_actor)."""
     trials = running_trials(chaos, key)
-    if not trials and key == "pid" and (actors := trial_actors()):
-        actor = rng.choice(actors)
-        try:
-            actor.kill()
-        except psutil.NoSuchProcess:
-            return False
-        chaos.pids.add(actor.pid)
-        chaos.note(f"SIGKILL trial actor {actor.pid} (no trial row in training seen)")
-        return True
     if not trials:
-        return False
+        return key == "pid" and kill_actor(chaos, rng)
     row = rng.choice(sorted(trials, key=lambda r: r["trial_id"]))
     try:
         os.kill(row[key], signal.SIGKILL)

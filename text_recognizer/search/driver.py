@@ -487,12 +487,12 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
         callbacks.append(Progress(config.metric, config.mode, config.max_t, list(config.space)))
     failfast = FailFast(min(FIRST, spec.config.num_samples))
     callbacks.append(failfast)  # last: a failed trial's run and line come first
-    restored: tuple = ()  # a resume: the trials Tune restores and those it ended again, for its sampler (grow.Part)
+    restored, ended = None, {}  # a resume: the trials Tune restores and those it ended again, for its sampler (grow.Part)
     if spec.resume:
         where = tune_storage(spec)
         experiment, filesystem = f"{where['storage_path']}/{spec.name}", where.get("storage_filesystem")
         tuner, repaired = restore(experiment, function, callbacks, spec.config.max_t, set(record["budget_stopped"]), filesystem)
-        restored = repaired.trial_ids, repaired.ended
+        restored, ended = repaired.trial_ids, repaired.ended
     else:
         tuner = tune.Tuner(
             function, param_space=spec.config.param_space(), tune_config=tune_config(spec), run_config=run_config(spec, callbacks)
@@ -503,7 +503,8 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
     wandb_callback.deadline = deadline
     preload_testing()
     try:
-        with tune_environment(spec.output), kept_out(spec.wandb_mode), this_part(spec.config.num_samples, deadline, *restored):
+        part_settings = this_part(spec.config.num_samples, deadline, restored, ended)
+        with tune_environment(spec.output), kept_out(spec.wandb_mode), part_settings:
             grid = tuner.fit()
     finally:  # also when FailFast stopped the search
         wandb_callback.finish_open_runs()  # an interrupted search leaves none open: --resume takes them over

@@ -51,10 +51,15 @@ def weights_only(checkpoint: tune.Checkpoint) -> bool:
         return False
     buffer = io.BytesIO()
     torch.save({key: value for key, value in state.items() if key not in TRAINER_STATE}, buffer)
-    with fs.open_output_stream(path + ".partial") as stream:
-        stream.write(buffer.getvalue())
-    fs.move(path + ".partial", path)  # whole or not at all: a reader never sees half a file
+    write_whole_to(fs, path, buffer.getvalue())
     return True
+
+
+def write_whole_to(fs: pyarrow.fs.FileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` on `fs` through a temporary name and a move: a reader never sees half a file."""
+    with fs.open_output_stream(path + ".partial") as stream:
+        stream.write(data)
+    fs.move(path + ".partial", path)
 
 
 def tracked_results(trial: Any) -> tuple[Any, Any]:
@@ -214,10 +219,8 @@ def write_ended(trial: Any, best: tune.Checkpoint) -> None:
     """The trial's final result, as ENDED_NAME in its folder (whole or not at all), before pruning takes what an
     older saved state would resume it from: a resume that falls back to one ends it again from this
     (saved_state.repair)."""
-    fs, path = best.filesystem, posixpath.join(posixpath.dirname(best.path.rstrip("/")), ENDED_NAME)
-    with fs.open_output_stream(path + ".partial") as stream:
-        stream.write(json.dumps(trial.last_result, default=repr).encode())
-    fs.move(path + ".partial", path)
+    path = posixpath.join(posixpath.dirname(best.path.rstrip("/")), ENDED_NAME)
+    write_whole_to(best.filesystem, path, json.dumps(trial.last_result, default=repr).encode())
 
 
 def prune(trial: Any) -> None:
