@@ -51,7 +51,7 @@ os.environ.pop("RAY_ADDRESS", None)
 
 import psutil  # noqa: E402
 
-from text_recognizer.facts import CHECKPOINT_NAME, TrialStatus  # noqa: E402
+from text_recognizer.facts import CHECKPOINT_NAME, HISTORY_NAME, TrialStatus  # noqa: E402
 from text_recognizer.search.trial import forkserver  # noqa: E402
 
 NAME = "chaos"
@@ -79,6 +79,7 @@ SCHEDULES = {"short": (120, 8, (2.0, 6.0)), "long": (2200, 160, (0.5, 2.5))}
 # a fork-mode trial starts and trains faster: its 70-trial search ended before 2 of its 8 faults in 5 of 6 runs
 # (2026-12-02), a 120-trial one (with forks found alive) in 1 of 2, so the short schedule samples more for it
 FORK_SHORT_TRIALS = 180
+RETRY_S = 1.0  # how soon a fault that could not be applied (no trial in reach) is tried again
 KEEP = 3  # --keep-checkpoints
 MAX_FAILURES = 6  # retries per trial: a trial may be hit by several faults in a row; none must end it in error
 TRIAL_FAULTS = ("worker_kill", "fork_kill", "node_replace", "storage_readonly")
@@ -281,10 +282,11 @@ def truncate_newest(chaos: Chaos, rng: random.Random) -> bool:
     """With the driver down: an unfinished trial's newest checkpoint, the one Tune restores it from, cut in half."""
     candidates = []
     for trial_id, rows in sorted(results(chaos.search_dir).items()):
-        named = [r["checkpoint_dir_name"] for r in rows if r.get("checkpoint_dir_name")]
-        model = chaos.search_dir / f"trial_{trial_id}" / (named[-1] if named else "-") / CHECKPOINT_NAME
-        if rows and not rows[-1].get("done") and model.is_file():
-            candidates.append(model)
+        # its newest whole one on storage, also one newer than Tune's state knew of (checkpoints.repair_tracked)
+        folders = sorted((chaos.search_dir / f"trial_{trial_id}").glob("checkpoint_*"))
+        whole = [f / CHECKPOINT_NAME for f in folders if (f / CHECKPOINT_NAME).is_file() and (f / HISTORY_NAME).is_file()]
+        if rows and not rows[-1].get("done") and whole:
+            candidates.append(whole[-1])
     if not candidates:
         return False
     model = rng.choice(candidates)
@@ -380,23 +382,28 @@ def schedule(seed: int, faults: int, kinds: list[str], gaps: tuple[float, float]
     return [(rng.uniform(*gaps), kind) for kind in drawn]
 
 
+def land(chaos: Chaos, rng: random.Random, kind: str, deadline: float) -> bool:
+    """Inject the fault once its delay is over and the search trains (a fault hits a search in progress). One that
+    can't be applied then is tried again RETRY_S later, until the search ends (seen in CI: the short schedule's
+    only checkpoint_truncate found no unfinished trial with a checkpoint, and the run failed for it)."""
+    while chaos.driver.poll() is None:
+        if time.time() >= deadline and ready(chaos):
+            if inject(chaos, rng, kind):
+                return True
+            deadline = time.time() + RETRY_S
+        time.sleep(0.2)
+    return False
+
+
 def run_search(chaos: Chaos, faults: list[tuple[float, str]]) -> float:
     """The search from its first launch to its last driver's exit, with the faults; returns the wall seconds."""
     rng = random.Random(chaos.args.seed + 1)
     began = time.time()
     launch(chaos, resume=False)
     for delay, kind in faults:
-        deadline = time.time() + delay
-        while time.time() < deadline or not ready(chaos):  # a fault hits a search that trains
-            if chaos.driver.poll() is not None:
-                break
-            time.sleep(0.2)
-        if chaos.driver.poll() is not None:  # the search ended first: the rest is not injected
-            chaos.skipped[kind] += 1
-            continue
-        if inject(chaos, rng, kind):
+        if land(chaos, rng, kind, time.time() + delay):
             chaos.injected[kind] += 1
-        else:
+        else:  # the search ended first
             chaos.skipped[kind] += 1
     code = chaos.driver.wait(timeout=3600)
     wall = time.time() - began

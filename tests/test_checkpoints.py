@@ -14,7 +14,7 @@ from conftest import FIVE_EPOCHS, finish, results, wait_for
 from ray import tune
 from ray.tune import ExperimentAnalysis
 
-from text_recognizer.facts import CHECKPOINT_NAME, ENDED_NAME, HISTORY_NAME
+from text_recognizer.facts import CHECKPOINT_NAME, ENDED_NAME, FILLED_KEY, HISTORY_NAME
 from text_recognizer.search.outputs.checkpoints import keep_only, repair_tracked, weights_only
 from text_recognizer.search.trial.resume import model_only, resumable
 
@@ -197,11 +197,57 @@ def test_a_folder_without_its_history_or_model_is_not_resumed_from(tmp_path: Pat
 
 
 def test_a_consistent_state_is_left_as_it_is_and_a_gone_older_one_is_dropped_silently(tmp_path: Path) -> None:
-    trial = tracked_trial(tmp_path, registered=3)
-    assert repair_tracked(trial) is None and tracked_names(trial)[1] == "checkpoint_000002"
+    trial = tracked_trial(tmp_path, registered=4)
+    assert tracked_names(trial) == (["checkpoint_000003", "checkpoint_000001"], "checkpoint_000003")
+    assert repair_tracked(trial) is None and tracked_names(trial)[1] == "checkpoint_000003"
     shutil.rmtree(Path(trial.storage.trial_fs_path) / "checkpoint_000001")  # the best, not the latest
     assert repair_tracked(trial) is None
-    assert tracked_names(trial) == (["checkpoint_000002"], "checkpoint_000002")  # Tune won't try to delete it again
+    assert tracked_names(trial) == (["checkpoint_000003"], "checkpoint_000003")  # Tune won't try to delete it again
+
+
+@pytest.mark.parametrize("registered", [0, 2])
+def test_an_unended_trial_resumes_from_checkpoints_its_saved_state_never_knew(tmp_path: Path, registered: int) -> None:
+    """The actor writes each epoch's checkpoint to storage at once; Tune saves the state that records it up to 10 s
+    later. A driver killed in between (seen in CI: a trial restarted from scratch, its rows on storage replaced):
+    the state knows none of the trial's 4 checkpoints, or its first 2. It resumes from the newest, silently, and
+    its next checkpoint goes to _000004."""
+    trial = tracked_trial(tmp_path, registered)
+    assert repair_tracked(trial) is None
+    assert tracked_names(trial)[1] == "checkpoint_000003" and trial.checkpoint.path.endswith("checkpoint_000003")
+    latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+    assert latest.metrics["training_iteration"] == 4 and latest.metrics["val_acc"] == 0.7  # from its saved history
+    assert trial.storage.current_checkpoint_index == 3
+    assert repair_tracked(trial) is None and tracked_names(trial)[1] == "checkpoint_000003"  # once is enough
+
+
+def test_an_ended_trial_is_not_resumed_from_newer_checkpoints(tmp_path: Path) -> None:
+    trial = tracked_trial(tmp_path, registered=2)
+    trial.set_status(trial.TERMINATED)
+    assert repair_tracked(trial) is None and tracked_names(trial)[1] == "checkpoint_000001"
+
+
+def test_the_result_log_fills_the_epochs_a_killed_driver_never_copied_to_storage(tmp_path: Path, local_ray) -> None:
+    """result.json on storage has epochs 1-2 (the killed driver's last copy); the trial resumes from its epoch-4
+    checkpoint, and its first report (epoch 5) carries that checkpoint's history: the file then has 1-5 once each."""
+    from text_recognizer.search.outputs.checkpoints import ResultLog
+
+    trial = tracked_trial(tmp_path, registered=0)
+    rows = [{"training_iteration": epoch, "val_acc": VAL_ACC[epoch - 1], "pid": 1} for epoch in (1, 2)]
+    (Path(trial.path) / "result.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    repair_tracked(trial)
+    trial.relative_logdir = "trial_t"  # as a restored trial has it
+    trial.init_local_path()  # as Tune does before it starts a trial
+    log = ResultLog()
+    log.log_trial_start(trial)  # Tune restores the file from storage: the trial has a checkpoint now
+    history = [{"epoch": epoch, "val_acc": value} for epoch, value in enumerate(VAL_ACC, start=1)]
+    log.log_trial_result(5, trial, {"training_iteration": 5, "epoch": 5, "val_acc": 0.8, "restored_history": history})
+    log.log_trial_result(6, trial, {"training_iteration": 6, "epoch": 6, "val_acc": 0.8, "restored_history": []})
+    log.log_trial_end(trial)
+    written = [json.loads(line) for line in (Path(trial.local_path) / "result.json").read_text().splitlines()]
+    assert [row["training_iteration"] for row in written] == [1, 2, 3, 4, 5, 6]
+    assert [row["val_acc"] for row in written[2:4]] == list(VAL_ACC[2:4]) and written[2]["trial_id"] == "t"
+    assert [bool(row.get(FILLED_KEY)) for row in written] == [False, False, True, True, False, False]
+    assert written[0]["pid"] == 1  # the rows on storage, as they were
 
 
 @pytest.mark.slow

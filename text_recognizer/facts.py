@@ -19,6 +19,8 @@ CHECKPOINT_NAME = "model.ckpt"  # the file inside every Tune checkpoint folder o
 HISTORY_NAME = "history.json"  # beside it: every epoch's metrics up to that checkpoint
 # in a trial's folder once CheckpointKeeper pruned it: its final result, which an older saved state may lack
 ENDED_NAME = "ended.json"
+# in a result.json row written from a checkpoint's history after a resume, not from a Tune result (ResultLog)
+FILLED_KEY = "filled_from_checkpoint"
 TRAINER_STATE = ("optimizer_states", "lr_schedulers", "callbacks")  # what Lightning leaves out of weights-only files
 SEARCH_FILE = "search.json"  # the resolved description of a search, so --resume needs nothing else
 SUMMARY_FILE = "summary.json"  # a search's results, written at its end (and at every interruption)

@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.logger import CSVLoggerCallback
 from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -48,7 +48,7 @@ from text_recognizer.search.grow import (
     ResumableASHA,
     this_part,
 )
-from text_recognizer.search.outputs.checkpoints import CheckpointKeeper, keep_best_trials
+from text_recognizer.search.outputs.checkpoints import CheckpointKeeper, ResultLog, keep_best_trials
 from text_recognizer.search.outputs.progress import Progress
 from text_recognizer.search.outputs.report import write_report
 from text_recognizer.search.outputs.results import (
@@ -213,7 +213,7 @@ def confirm_winner(
     points = confirm.trial_configs(chosen, seeds, config.max_t)
     name, where = f"confirm-{part}", tune_storage(spec)
     base = {"storage_path": f"{where['storage_path']}/{spec.name}", "storage_filesystem": where.get("storage_filesystem")}
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), CheckpointKeeper(), saved_state.WholeState(), *extra]
+    callbacks = [ResultLog(), CSVLoggerCallback(), CheckpointKeeper(), saved_state.WholeState(), *extra]
     wandb_callback = WandbTrialCallback(
         spec, job_type="confirm", labels=lambda trial: {confirm.ORIGIN_KEY: confirm.origin(trial.config, chosen)}
     )
@@ -480,7 +480,7 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
         print(f"W&B runs are offline; watch them live with:  {leet_command(str(spec.folder))}", flush=True)
     function = trainable(spec, data)
     clock, wandb_callback, keeper = TrialClock(), WandbTrialCallback(spec, record["sweep_id"]), CheckpointKeeper()
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), clock, keeper, saved_state.WholeState(), *extra]
+    callbacks = [ResultLog(), CSVLoggerCallback(), clock, keeper, saved_state.WholeState(), *extra]
     callbacks += [wandb_callback] if spec.wandb_mode != "disabled" else []
     if spec.output == "progress":
         config = spec.config

@@ -20,16 +20,19 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import posixpath
 import sys
 from typing import Any
 
 import pyarrow.fs
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 
 from text_recognizer.facts import (
     CHECKPOINT_NAME,
     ENDED_NAME,
+    FILLED_KEY,
     HISTORY_NAME,
     TRAINER_STATE,
     TRIAL_PREFIX,
@@ -88,10 +91,9 @@ def keep_only(best: tune.Checkpoint) -> list[str]:
     return deleted
 
 
-def stored_folders(checkpoint: tune.Checkpoint) -> dict[str, set[str]]:
-    """The checkpoint folders of `checkpoint`'s trial as they are on storage now, each with the names of its files:
-    one listing of the trial's folder (one request on S3)."""
-    fs, trial_dir = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
+def stored_folders(fs: pyarrow.fs.FileSystem, trial_dir: str) -> dict[str, set[str]]:
+    """The checkpoint folders of the trial at `trial_dir` as they are on storage now, each with the names of its
+    files: one listing of the trial's folder (one request on S3)."""
     folders: dict[str, set[str]] = {}
     for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, recursive=True, allow_not_found=True)):
         parent = posixpath.dirname(info.path)
@@ -136,35 +138,92 @@ def retrack(trial: Any, present: set[str], newest: tuple[tune.Checkpoint, dict[s
     trial.run_metadata.invalidate_cache()
 
 
-def repair_tracked(trial: Any) -> str | None:
-    """Before a resumed trial is restored: drop the checkpoints Tune's state names for it that are gone from storage;
-    if its latest is gone, it resumes from its newest checkpoint folder on storage that holds a model file and its
-    history (also one newer than Tune's state knows of), or from scratch. Returns the one-line warning then, else None."""
-    _, latest = tracked(trial)
-    if latest is None:
+def newest_stored(
+    fs: pyarrow.fs.FileSystem, stored: dict[str, set[str]], above: int = -1
+) -> tuple[tune.Checkpoint, dict[str, Any]] | None:
+    """The trial's newest checkpoint folder on storage with an index above `above` that holds a model file and a
+    history that reads, with its metrics (Tune's result of it); None when there is none."""
+    for folder in sorted(stored, key=lambda path: int(FOLDER.search(path).group(1)), reverse=True):
+        if int(FOLDER.search(folder).group(1)) <= above or not {CHECKPOINT_NAME, HISTORY_NAME} <= stored[folder]:
+            continue
+        metrics = saved_metrics(fs, folder)
+        if metrics is not None:
+            return tune.Checkpoint(folder, filesystem=fs), metrics
+    return None
+
+
+def trial_folder(trial: Any) -> str | None:
+    """The trial's folder on storage; None for a trial that never started (no folder yet)."""
+    try:
+        return trial.path
+    except RuntimeError:  # Tune's storage has no folder name for it
         return None
-    manager = trial.run_metadata.checkpoint_manager
-    named = [r.checkpoint for r in [*manager.best_checkpoint_results, manager.latest_checkpoint_result]]
-    stored = stored_folders(latest)
+
+
+def repair_tracked(trial: Any) -> str | None:
+    """Before a resumed trial is restored: make the checkpoint Tune restores it from its newest one on storage.
+
+    - Tune's saved state may name checkpoints that are gone from storage: they are dropped. If its latest is gone,
+      the trial resumes from its newest folder on storage that holds a model file and its history, or from scratch,
+      and the one-line warning that says so is returned.
+    - A trial's actor writes each epoch's checkpoint straight to storage, and Tune saves the state that records it
+      up to 10 s later: a driver killed in between leaves an unended trial with newer checkpoints (or its first ones)
+      that the state never knew. It resumes from the newest of them, without a word: no epoch is lost, and Tune's
+      result.json, which Tune restores only for a trial with a checkpoint, keeps the rows it had (ResultLog fills
+      any the killed driver never copied to storage). An ended trial is left as it ended.
+    Returns None unless a checkpoint the state names as the latest is gone."""
+    folder = trial_folder(trial)
+    _, latest = tracked(trial)
+    if folder is None or (latest is None and trial.status == trial.TERMINATED):
+        return None
+    fs = trial.storage.storage_filesystem
+    stored = stored_folders(fs, folder)
     present = {path for path, files in stored.items() if CHECKPOINT_NAME in files}
-    if all(checkpoint.path.rstrip("/") in present for checkpoint in named):
+    manager = trial.run_metadata.checkpoint_manager
+    named = [r.checkpoint for r in [*manager.best_checkpoint_results, manager.latest_checkpoint_result] if r is not None]
+    if latest is None or latest.path.rstrip("/") in present:
+        newer = None if trial.status == trial.TERMINATED else newest_stored(fs, stored, index(latest) if latest else -1)
+        if newer is not None:
+            retrack(trial, present, newer)
+            trial.storage.current_checkpoint_index = max(trial.storage.current_checkpoint_index, index(newer[0]))
+        elif not all(checkpoint.path.rstrip("/") in present for checkpoint in named):
+            retrack(trial, present, (latest, manager.latest_checkpoint_result.metrics))  # an older one is gone
         return None
     gone = posixpath.basename(latest.path.rstrip("/"))
-    if latest.path.rstrip("/") in present:  # only an older one is gone: where the trial resumes is unchanged
-        retrack(trial, present, (latest, manager.latest_checkpoint_result.metrics))
-        return None
-    newest = None
-    for folder in sorted(present, key=lambda path: int(FOLDER.search(path).group(1)), reverse=True):
-        metrics = saved_metrics(latest.filesystem, folder) if HISTORY_NAME in stored[folder] else None
-        if metrics is not None:
-            newest = tune.Checkpoint(folder, filesystem=latest.filesystem), metrics
-            break
+    newest = newest_stored(fs, stored)
     retrack(trial, present, newest)
     if newest is None:
         return f"{gone}, which Tune's state names, is gone from storage: restarted from scratch"
     # its next checkpoint goes to a new folder, not over the one it resumes from
     trial.storage.current_checkpoint_index = max(trial.storage.current_checkpoint_index, index(newest[0]))
     return f"{gone}, which Tune's state names, is gone from storage: resumed from {posixpath.basename(newest[0].path)}"
+
+
+class ResultLog(JsonLoggerCallback):
+    """Tune's result.json writer (JsonLoggerCallback), which loses no epoch of a trial resumed from a checkpoint
+    newer than the rows on storage: a killed driver copied its rows there last up to 10 s before, while the trial's
+    actor wrote each checkpoint at once (repair_tracked resumes from the newest). The trial's first report after
+    the restore carries its checkpoint's history (trial_process.ReportCallback); its epochs missing from the file
+    are written first, from that history, so the file has each epoch once, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_epoch: dict[str, int] = {}  # by trial id: the newest epoch in the trial's result.json
+
+    def log_trial_start(self, trial: Any) -> None:
+        super().log_trial_start(trial)  # restores the file from storage for a trial with a checkpoint
+        with open(os.path.join(trial.local_path, "result.json")) as file:
+            rows = [json.loads(line) for line in file.read().splitlines() if line.endswith("}")]  # whole lines
+        self.last_epoch[trial.trial_id] = max((row.get("training_iteration", 0) for row in rows), default=0)
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        last, epoch = self.last_epoch.get(trial.trial_id, 0), result.get("training_iteration", 0)
+        for row in result.get("restored_history") or []:
+            if last < row["epoch"] < epoch:  # trained before the restore; its row never reached storage
+                filled = {**row, "training_iteration": row["epoch"], "trial_id": trial.trial_id, FILLED_KEY: True}
+                super().log_trial_result(iteration, trial, filled)
+        super().log_trial_result(iteration, trial, result)
+        self.last_epoch[trial.trial_id] = max(last, epoch)
 
 
 class CheckpointKeeper(tune.Callback):

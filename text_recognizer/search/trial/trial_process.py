@@ -12,6 +12,7 @@ import ctypes
 import gc
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -108,6 +109,19 @@ class ReportCallback(EpochTimer, Checkpoint):
         self.report(metrics, directory)
         self.report_seconds = time.perf_counter() - began
 
+    def report_restored(self, checkpoint: str) -> None:
+        """A trial resumed from its last epoch's checkpoint trains nothing (its result never reached Tune: the driver
+        was killed first, checkpoints.repair_tracked): report that epoch again, with a copy of the checkpoint, so
+        that Tune, result.json and W&B get its epochs. Nothing when an epoch was reported."""
+        if not self.restored:
+            return
+        directory = tempfile.mkdtemp(prefix="trial-ckpt-")
+        shutil.copyfile(checkpoint, os.path.join(directory, CHECKPOINT_NAME))
+        save_history(self.restored, directory)
+        metrics = {**self.restored[-1], "restored_history": self.restored}
+        self.restored = []
+        self.report(metrics, directory)
+
 
 def save_history(history: list[dict[str, Any]], directory: str) -> None:
     """Every epoch's metrics up to this checkpoint, beside its model file: a trial restored from it can hand the
@@ -150,10 +164,11 @@ def train_trial(
     # CUDA_VISIBLE_DEVICES is the trial's GPU, so cuda:0 is the one it was given. Without a real GPU
     # behind the ids (Ray told of GPUs on a CPU machine) the trial trains on the CPU.
     on_gpu = bool(gpu_ids) and torch.cuda.is_available()
+    callback = ReportCallback(report, started, gpu_ids, arrays, where, restored_history(checkpoint))
     train(
         args,
         arrays=arrays,
-        callbacks=[ReportCallback(report, started, gpu_ids, arrays, where, restored_history(checkpoint))],
+        callbacks=[callback],
         logger=False,  # the driver logs every trial (search/tracking/wandb_logging.py)
         ckpt_path=checkpoint,
         accelerator="gpu" if on_gpu else "cpu",
@@ -164,6 +179,8 @@ def train_trial(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+    if checkpoint is not None:
+        callback.report_restored(checkpoint)
 
 
 def release_memory() -> None:
