@@ -37,8 +37,9 @@ def truncate(path: Path) -> None:
 
 
 def resumed(newest: Path) -> tuple[str | None, str | None]:
-    with resumable(tune.Checkpoint(str(newest.parent))) as (path, warning):
+    with resumable(tune.Checkpoint(str(newest.parent))) as (path, warning, skipped):
         assert path is None or torch.load(path, weights_only=True)["state_dict"]  # readable while inside
+        assert [name in (warning or "") for name in skipped] == [True] * len(skipped)  # the ones the warning names
         return path, warning
 
 
@@ -69,8 +70,8 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_then_to_scra
 
 
 def test_no_checkpoint_means_a_fresh_trial() -> None:
-    with resumable(None) as (path, warning):
-        assert (path, warning) == (None, None)
+    with resumable(None) as (path, warning, skipped):
+        assert (path, warning, skipped) == (None, None, [])
 
 
 def test_keep_only_leaves_the_best_checkpoint_weights_only(tmp_path: Path) -> None:
@@ -218,6 +219,16 @@ def test_an_unended_trial_resumes_from_checkpoints_its_saved_state_never_knew(tm
     assert latest.metrics["training_iteration"] == 4 and latest.metrics["val_acc"] == 0.7  # from its saved history
     assert trial.storage.current_checkpoint_index == 3
     assert repair_tracked(trial) is None and tracked_names(trial)[1] == "checkpoint_000003"  # once is enough
+
+
+def test_a_checkpoint_the_actor_passed_over_is_no_longer_tracked(tmp_path: Path) -> None:
+    """Its actor found _000003 unreadable and resumed from _000001 (CheckpointKeeper.on_trial_result): Tune must not
+    keep it as the trial's best (seen: a truncated model file kept, and the winner's test failed on it)."""
+    from text_recognizer.search.outputs.checkpoints import forget
+
+    trial = tracked_trial(tmp_path, registered=4)
+    forget(trial, ["checkpoint_000003"])
+    assert tracked_names(trial) == (["checkpoint_000001"], "checkpoint_000001")
 
 
 def test_an_ended_trial_is_not_resumed_from_newer_checkpoints(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from text_recognizer.search.grow import (
     PartBudget,
     ResumableASHA,
     end_in_sampler,
+    reconcile_samples,
     reconcile_searcher_samples,
     rung_values,
     this_part,
@@ -179,6 +180,23 @@ def test_a_sampler_ahead_of_the_saved_trials_draws_the_lost_ones_again(local_ray
     assert all(result.metrics["training_iteration"] == 2 for result in again)
     ids = {result.metrics["trial_id"] for result in again}
     assert restored < ids and len(ids - restored) == 2 and not ids & lost  # drawn again under new ids
+
+
+def test_the_same_lost_trials_are_drawn_again_once_under_ids_no_folder_has(local_ray: None) -> None:
+    """The long chaos run: 5 resumes in a row restored one saved state, 3 trials short of its sampler; each drew the
+    3 again, and the search sampled 2,233 trials for its 2,200. Reconciling sets the samples left, so a second
+    resume of the same state draws none more; and no new trial takes the id of one with a folder on storage (a lost
+    trial's, with its checkpoints) or of one made before."""
+    generator = GrowingVariantGenerator(random_state=0)
+    tune.register_trainable("report_epochs", report_epochs)
+    generator.add_configurations({"run": {"run": "report_epochs", "config": SPACE, "num_samples": 6}})
+    made = [generator.next_trial() for _ in range(4)]  # 2 samples left
+    restored, taken = {made[0].trial_id, made[1].trial_id}, {made[2].trial_id, "other_00009"}
+    assert reconcile_samples(generator, restored, taken) == 2  # 4 left: 6 samples, 2 trials in the state
+    assert reconcile_samples(generator, restored, taken) == 0  # the next resume of the same state
+    drawn = [generator.next_trial() for _ in range(5)]
+    assert drawn[-1] is None and all(drawn[:4])
+    assert not {trial.trial_id for trial in drawn[:4]} & {trial.trial_id for trial in made}
 
 
 def test_a_lost_trial_the_concurrency_limit_counts_as_running_ends_there(local_ray: None) -> None:

@@ -161,6 +161,7 @@ def test_unreadable_newest_checkpoint_falls_back_with_one_warning(tmp_path: Path
     folders = checkpoint_folders(search_dir, trial_id)
     whole = [f for f in folders if all((f / name).is_file() for name in (CHECKPOINT_NAME, HISTORY_NAME))]
     newest, older = whole[-1], whole[:-1]
+    fell_back_to = json.loads((older[-1] / HISTORY_NAME).read_text())[-1]["epoch"] if older else 0  # its epoch
     model = newest / CHECKPOINT_NAME
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # a copy cut short (a full disk, a kill)
 
@@ -174,7 +175,6 @@ def test_unreadable_newest_checkpoint_falls_back_with_one_warning(tmp_path: Path
     summary = check_finished_search(search_dir, trials=4, epochs=5)  # W&B: epochs 1-5 once each, completed
     check_kept_checkpoints(search_dir, summary)
     # it went on from the epoch after the checkpoint it fell back to (from 1 without one), as Tune counts epochs too
-    fell_back_to = json.loads((older[-1] / HISTORY_NAME).read_text())[-1]["epoch"] if older else 0
     first_after = next(r for r in results(search_dir)[trial_id][len(before) :] if not r.get(FILLED_KEY))
     assert first_after["training_iteration"] == first_after["epoch"] == fell_back_to + 1
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, requires, version
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from packaging.requirements import Requirement
 
@@ -22,6 +24,24 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(f"{self.prog}: error: {message}")
+
+
+T = TypeVar("T")
+STORAGE_PATIENCE_S = 10.0  # how long a search's start waits out storage that fails (a network share's blip)
+
+
+def patiently(action: Callable[[], T], what: str, seconds: float = STORAGE_PATIENCE_S) -> T:
+    """`action()`, tried again every half second for up to `seconds` while it raises OSError (storage read-only or
+    gone for a moment: in the chaos benchmark a driver's start then ended in a traceback); then a UserError, one
+    line naming `what` and the error. Only for actions that can be repeated: writes whole or not at all."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return action()
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise UserError(f"{what}: {error.strerror or error} (tried for {seconds:.0f} s)") from None
+            time.sleep(0.5)
 
 
 def fail(message: str, status: int = 2) -> NoReturn:

@@ -69,6 +69,7 @@ from text_recognizer.search.spec import SearchSpec, describe
 from text_recognizer.search.tracking.sweep import create_sweep, sweep_config
 from text_recognizer.search.tracking.wandb_logging import WandbTrialCallback, check_installed, finish_search, kept_out
 from text_recognizer.search.trial import tune_actor
+from text_recognizer.util import patiently
 
 # while a trial runs: its two best by the metric and (Tune always keeps it) its newest, for resuming. Not one: Tune
 # deletes a checkpoint as soon as a better one comes, and a state file synced a little earlier (a URI storage,
@@ -424,7 +425,8 @@ def open_folder(spec: SearchSpec) -> dict[str, Any]:
         shutil.rmtree(spec.folder, ignore_errors=True)
         if spec.storage:
             storage.delete(spec.storage, spec.name)
-    spec.folder.mkdir(parents=True, exist_ok=True)
+    unwritable = f"the search folder {spec.folder} can't be written"
+    patiently(lambda: spec.folder.mkdir(parents=True, exist_ok=True), unwritable)
     if spec.resume and spec.storage and not (spec.folder / SEARCH_FILE).is_file():  # resumed on another machine
         storage.download(spec.storage, spec.folder, storage.is_driver_file)
     previous = json.loads((spec.folder / SEARCH_FILE).read_text()) if spec.resume else {}
@@ -442,9 +444,9 @@ def open_folder(spec: SearchSpec) -> dict[str, Any]:
     }
     if spec.wandb_mode == "online" and not record["sweep_id"]:  # offline, `sync FOLDER` makes the sweep later
         record["sweep_id"] = create_sweep(sweep_config(spec.name, spec.config), spec.wandb_project)
-    write_whole(spec.folder / SEARCH_FILE, json.dumps(record, indent=2))
+    patiently(lambda: write_whole(spec.folder / SEARCH_FILE, json.dumps(record, indent=2)), unwritable)
     if spec.storage:  # from now on --resume works from the URI alone
-        storage.upload_driver_files(spec.folder, spec.storage)
+        patiently(lambda: storage.upload_driver_files(spec.folder, spec.storage), f"{spec.storage} can't be written")
     return record
 
 
@@ -462,9 +464,10 @@ def restore(
     saved_state.repair made of that state: its unfinished and errored trials go on, and so do those it ended early
     without an end (`stopped`: the ones a time budget stopped, which stay stopped); those pruned after their end
     stay ended."""
-    if warning := saved_state.restorable(experiment, filesystem):
+    unwritable = f"the saved state at {experiment} can't be repaired"
+    if warning := patiently(lambda: saved_state.restorable(experiment, filesystem), unwritable):
         print(warning, file=sys.stderr, flush=True)
-    repaired = saved_state.repair(experiment, max_t, stopped, filesystem)
+    repaired = patiently(lambda: saved_state.repair(experiment, max_t, stopped, filesystem), unwritable)
     for warning in repaired.warnings:
         print(warning, file=sys.stderr, flush=True)
     tuner = tune.Tuner.restore(experiment, function, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem)
@@ -487,12 +490,13 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
         callbacks.append(Progress(config.metric, config.mode, config.max_t, list(config.space)))
     failfast = FailFast(min(FIRST, spec.config.num_samples))
     callbacks.append(failfast)  # last: a failed trial's run and line come first
-    restored, ended = None, {}  # a resume: the trials Tune restores and those it ended again, for its sampler (grow.Part)
+    # a resume: the trials Tune restores, those it ended again and those with a folder, for its sampler (grow.Part)
+    restored, ended, taken = None, {}, set()
     if spec.resume:
         where = tune_storage(spec)
         experiment, filesystem = f"{where['storage_path']}/{spec.name}", where.get("storage_filesystem")
         tuner, repaired = restore(experiment, function, callbacks, spec.config.max_t, set(record["budget_stopped"]), filesystem)
-        restored, ended = repaired.trial_ids, repaired.ended
+        restored, ended, taken = repaired.trial_ids, repaired.ended, repaired.folders
     else:
         tuner = tune.Tuner(
             function, param_space=spec.config.param_space(), tune_config=tune_config(spec), run_config=run_config(spec, callbacks)
@@ -503,7 +507,7 @@ def fit(spec: SearchSpec, data: ray.ObjectRef, extra: Sequence[tune.Callback] = 
     wandb_callback.deadline = deadline
     preload_testing()
     try:
-        part_settings = this_part(spec.config.num_samples, deadline, restored, ended)
+        part_settings = this_part(spec.config.num_samples, deadline, restored, ended, taken)
         with tune_environment(spec.output), kept_out(spec.wandb_mode), part_settings:
             grid = tuner.fit()
     finally:  # also when FailFast stopped the search

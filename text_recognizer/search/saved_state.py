@@ -27,14 +27,14 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
 from ray import cloudpickle, tune
 from ray.train._internal.storage import get_fs_and_path
 
-from text_recognizer.facts import ENDED_NAME, TrialStatus, its_end, trial_status
+from text_recognizer.facts import ENDED_NAME, TRIAL_PREFIX, TrialStatus, its_end, trial_status
 from text_recognizer.util import UserError
 
 STATE_FILE = re.compile(r"(?:experiment_state|basic-variant-state|search_gen_state|searcher-state)-(.+)\.(?:json|pkl)")
@@ -45,6 +45,7 @@ WHOLE = "~whole"  # WholeState's stamp suffix: '~' sorts after every character o
 # and Tune saves about twice a trial there; Tune's own unforced saves are 10 s apart
 WHOLE_EVERY_S = 10.0
 SUPERSEDED = "superseded-state"  # the sets older than the one restored: Tune reads only the search folder's own files
+TRIAL_FOLDER = re.compile(re.escape(TRIAL_PREFIX) + r"(.+?)(?:_[0-9a-f]{4})?")  # its id: see trial_folders
 PART = ".part"  # a copy being written: a name no Tune pattern (nor STATE_FILE) matches
 
 
@@ -119,6 +120,7 @@ class Repair:
     trial_ids: set[str]  # every trial in it: the search algorithm must agree with them (grow.Part.restored)
     ended: dict[str, dict[str, Any]]  # trials it had unended that a pruning had ended: their final results
     warnings: list[str]  # one line each
+    folders: set[str] = field(default_factory=set)  # the ids of the trials with a folder (a lost one's too)
 
 
 def ended_results(fs: pafs.FileSystem, root: str, trials: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -179,7 +181,16 @@ def repair(experiment: str, max_t: int, stopped: set[str], storage_filesystem: p
         with fs.open_output_stream(f"{root}/{newest}{PART}") as stream:  # whole or not at all, as WholeState writes
             stream.write(json.dumps(state).encode())
         fs.move(f"{root}/{newest}{PART}", f"{root}/{newest}")
-    return Repair({trial["trial_id"] for _, trial, _ in entries}, ended, warnings)
+    return Repair({trial["trial_id"] for _, trial, _ in entries}, ended, warnings, trial_folders(fs, root))
+
+
+def trial_folders(fs: pafs.FileSystem, root: str) -> set[str]:
+    """The ids of the trials with a folder in the search's: trial_<id>, or trial_<id>_<4 hex> (Tune's name for a
+    folder whose name was taken)."""
+    infos = fs.get_file_info(pafs.FileSelector(root))
+    return {
+        m.group(1) for info in infos if info.type == pafs.FileType.Directory and (m := TRIAL_FOLDER.fullmatch(info.base_name))
+    }
 
 
 def copy_whole(staging: str, fs: pafs.FileSystem, root: str) -> list[str]:

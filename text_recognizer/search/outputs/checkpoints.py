@@ -39,7 +39,7 @@ from text_recognizer.facts import (
     TrialStatus,
     search_ended,
 )
-from text_recognizer.search.trial.resume import FOLDER, WARNING_KEY, checkpoint_folders, index, siblings
+from text_recognizer.search.trial.resume import FOLDER, SKIPPED_KEY, WARNING_KEY, checkpoint_folders, index, siblings
 
 
 def weights_only(checkpoint: tune.Checkpoint) -> bool:
@@ -160,6 +160,22 @@ def trial_folder(trial: Any) -> str | None:
         return None
 
 
+def forget(trial: Any, names: list[str]) -> None:
+    """Stop tracking the trial's checkpoints in these folders (by name), which its actor found unreadable or weights
+    only and passed over: Tune tracks each with its epoch's metrics and could keep one as the trial's best, whose
+    test then fails (seen: a truncated model file kept as the winner's). The same private reach as retrack."""
+    manager = trial.run_metadata.checkpoint_manager
+    if not hasattr(manager, "_checkpoint_results"):
+        raise RuntimeError("this Ray release tracks a trial's checkpoints elsewhere: update checkpoints.forget")
+    gone = lambda result: posixpath.basename(result.checkpoint.path.rstrip("/")) in names  # noqa: E731
+    manager._checkpoint_results = [result for result in manager._checkpoint_results if not gone(result)]
+    if manager._latest_checkpoint_result is not None and gone(manager._latest_checkpoint_result):
+        newest = max(manager._checkpoint_results, key=lambda result: index(result.checkpoint), default=None)
+        manager._latest_checkpoint_result = newest  # until this result's checkpoint, which Tune tracks next
+    trial.invalidate_json_state()
+    trial.run_metadata.invalidate_cache()
+
+
 def repair_tracked(trial: Any) -> str | None:
     """Before a resumed trial is restored: make the checkpoint Tune restores it from its newest one on storage.
 
@@ -256,6 +272,7 @@ class CheckpointKeeper(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get(WARNING_KEY):
             print(f"warning: trial {trial.trial_id}: {result[WARNING_KEY]}", file=sys.stderr, flush=True)
+            forget(trial, result.get(SKIPPED_KEY) or [])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.ended.append(trial)

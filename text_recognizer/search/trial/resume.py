@@ -21,6 +21,7 @@ from text_recognizer.facts import CHECKPOINT_NAME, TRAINER_STATE
 
 FOLDER = re.compile(r"checkpoint_(\d+)$")  # Tune's name for a trial's checkpoint folders
 WARNING_KEY = "checkpoint_warning"  # a result's note that the trial did not resume from its newest checkpoint
+SKIPPED_KEY = "checkpoints_skipped"  # beside it: the names of the checkpoint folders it passed over
 
 
 def index(checkpoint: tune.Checkpoint) -> int:
@@ -70,22 +71,26 @@ def model_only(path: str) -> bool:
 
 
 @contextmanager
-def resumable(newest: tune.Checkpoint | None) -> Iterator[tuple[str | None, str | None]]:
-    """The model file a trial resumes from (None: from scratch), and a one-line warning when that is not `newest`:
-    the newest readable checkpoint of the trial, no newer than the one Tune restores (`tune.get_checkpoint()`)."""
+def resumable(newest: tune.Checkpoint | None) -> Iterator[tuple[str | None, str | None, list[str]]]:
+    """The model file a trial resumes from (None: from scratch), a one-line warning when that is not `newest`, and
+    the folders passed over (their names): the newest readable checkpoint of the trial, no newer than the one Tune
+    restores (`tune.get_checkpoint()`). The driver forgets the ones passed over (CheckpointKeeper): Tune tracks
+    them with their epochs' metrics, and one could be kept as the trial's best."""
     if newest is None:
-        yield None, None
+        yield None, None, []
         return
-    skipped = []
+    skipped, problems = [], []
     for candidate in [c for c in siblings(newest) if index(c) <= index(newest)] or [newest]:
+        name = posixpath.basename(candidate.path.rstrip("/"))
         with candidate.as_directory() as directory:
             path = os.path.join(directory, CHECKPOINT_NAME)  # a local folder
             problem = unreadable(path) or ("weights only" if model_only(path) else None)
             if problem is None:
-                yield path, fallback_warning(skipped, posixpath.basename(candidate.path.rstrip("/")))
+                yield path, fallback_warning(problems, name), skipped
                 return
-        skipped.append(f"{posixpath.basename(candidate.path.rstrip('/'))}/{CHECKPOINT_NAME} ({problem})")
-    yield None, fallback_warning(skipped, None)
+        skipped.append(name)
+        problems.append(f"{name}/{CHECKPOINT_NAME} ({problem})")
+    yield None, fallback_warning(problems, None), skipped
 
 
 def fallback_warning(skipped: list[str], used: str | None) -> str | None:

@@ -33,8 +33,8 @@ FORK_TARGET = "text_recognizer.search.trial.trial_process:run_in_fork"
 def restored_checkpoint() -> Iterator[tuple[str | None, Callable[[dict[str, Any], str], None]]]:
     """The model file this trial resumes from (None: a fresh trial, or none of its checkpoints is readable), and
     the function that hands its epochs to Tune."""
-    with resume.resumable(tune.get_checkpoint()) as (checkpoint, warning):
-        yield checkpoint, reporter(warning)
+    with resume.resumable(tune.get_checkpoint()) as (checkpoint, warning, skipped):
+        yield checkpoint, reporter(warning, skipped)
 
 
 def trial_settings(checkpoint: str | None, started: float) -> dict[str, Any]:
@@ -52,11 +52,11 @@ def trial_settings(checkpoint: str | None, started: float) -> dict[str, Any]:
     }
 
 
-def reporter(warning: str | None) -> Callable[[dict[str, Any], str], None]:
+def reporter(warning: str | None, skipped: list[str] = ()) -> Callable[[dict[str, Any], str], None]:
     """report(metrics, checkpoint folder): hand one epoch to Tune; blocks until Tune took it (when ASHA stops the
     trial, Tune ends this thread there). The epoch is Tune's training_iteration, also after a fall back to an older
     checkpoint than Tune's newest (Tune would count on from the newest); the first epoch carries the warning."""
-    notes = {resume.WARNING_KEY: warning} if warning else {}
+    notes = {resume.WARNING_KEY: warning, resume.SKIPPED_KEY: list(skipped)} if warning else {}
 
     def report(metrics: dict[str, Any], directory: str) -> None:
         try:
