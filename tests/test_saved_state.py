@@ -261,3 +261,30 @@ def test_a_resume_from_a_state_older_than_a_pruned_trial_s_end_loses_nothing(tmp
     warning = f"warning: the saved state is older than the end of trials {a} (epoch 5 of 5): they stay ended"
     resume_to_the_end(tmp_path, "older", launch_search, a, warning)
     assert not (search_dir / f"trial_{a}" / "error.txt").exists()
+
+
+def test_a_storage_blip_at_the_start_is_waited_out_and_a_lasting_one_is_one_line(tmp_path: Path) -> None:
+    """The chaos benchmark's read-only storage, as a driver wrote search.json: a traceback and exit 1. The driver's
+    writes at its start (util.patiently) wait out a failing write, here a file where the search's folder goes,
+    which a second later becomes the folder; one that lasts is a UserError of one line."""
+    import threading
+
+    from text_recognizer.facts import write_whole
+    from text_recognizer.util import patiently
+
+    folder = tmp_path / "search"
+    folder.write_text("")  # every write under it fails: NotADirectoryError, an OSError
+
+    def repair() -> None:
+        folder.unlink()
+        folder.mkdir()
+
+    threading.Timer(1.0, repair).start()
+    began = time.monotonic()
+    patiently(lambda: write_whole(folder / "search.json", "{}"), "the search folder", seconds=10)
+    assert (folder / "search.json").read_text() == "{}" and 0.9 < time.monotonic() - began < 5
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError) as raised:
+        patiently(lambda: write_whole(tmp_path / "file" / "search.json", "{}"), "the search folder", seconds=1)
+    assert str(raised.value) == "the search folder: Not a directory (tried for 1 s)"
