@@ -253,6 +253,8 @@ def test_the_result_log_fills_the_epochs_a_killed_driver_never_copied_to_storage
     history = [{"epoch": epoch, "val_acc": value} for epoch, value in enumerate(VAL_ACC, start=1)]
     log.log_trial_result(5, trial, {"training_iteration": 5, "epoch": 5, "val_acc": 0.8, "restored_history": history})
     log.log_trial_result(6, trial, {"training_iteration": 6, "epoch": 6, "val_acc": 0.8, "restored_history": []})
+    # resumed from its last epoch's checkpoint, whose row the file has: the epoch reported again is not written twice
+    log.log_trial_result(7, trial, {"training_iteration": 6, "epoch": 6, "restored_history": history, FILLED_KEY: True})
     log.log_trial_end(trial)
     written = [json.loads(line) for line in (Path(trial.local_path) / "result.json").read_text().splitlines()]
     assert [row["training_iteration"] for row in written] == [1, 2, 3, 4, 5, 6]
@@ -273,7 +275,10 @@ def test_a_resumed_search_whose_state_names_gone_checkpoints_loses_no_trial(tmp_
     search = launch_search(tmp_path, "stale", config, "--num-samples", "2", "--max-concurrent", "2")
     search_dir = tmp_path / "stale"
     # two epochs each: a checkpoint the saved state names, even if the stop cut off the newest one's save
-    wait_for(lambda: len(results(search_dir)) == 2 and all(len(rows) >= 2 for rows in results(search_dir).values()), poll=0.05)
+    # (by the checkpoint folders, which a trial writes at once: Tune copies the rows there with its state, up to 10 s
+    # later, and a trial had finished by the time its second row showed, seen here under load)
+    folders = lambda: [list(trial.glob("checkpoint_*")) for trial in search_dir.glob("trial_*")]  # noqa: E731
+    wait_for(lambda: len(folders()) == 2 and all(len(of_trial) >= 2 for of_trial in folders()), poll=0.05)
     search.send_signal(signal.SIGINT)
     finish(search, timeout=120, returncode=130)
     done = {trial_id: len(rows) for trial_id, rows in results(search_dir).items()}

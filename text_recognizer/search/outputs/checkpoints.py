@@ -238,7 +238,8 @@ class ResultLog(JsonLoggerCallback):
             if last < row["epoch"] < epoch:  # trained before the restore; its row never reached storage
                 filled = {**row, "training_iteration": row["epoch"], "trial_id": trial.trial_id, FILLED_KEY: True}
                 super().log_trial_result(iteration, trial, filled)
-        super().log_trial_result(iteration, trial, result)
+        if not (result.get(FILLED_KEY) and epoch <= last):  # a trial resumed from its last epoch reports it again
+            super().log_trial_result(iteration, trial, result)
         self.last_epoch[trial.trial_id] = max(last, epoch)
 
 

@@ -12,7 +12,6 @@ import ctypes
 import gc
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,11 +24,11 @@ import torch
 from pytorch_lightning.callbacks import Checkpoint
 
 import text_recognizer
-from text_recognizer.facts import CHECKPOINT_NAME, HISTORY_NAME, config_to_argv, write_whole
+from text_recognizer.facts import CHECKPOINT_NAME, FILLED_KEY, HISTORY_NAME, config_to_argv, write_whole
 from text_recognizer.training import EpochTimer, epoch_metrics, parse_args, test_checkpoint, train
 
-# report(metrics, checkpoint folder): returns once Tune took the epoch; the folder is the reporter's to remove
-Report = Callable[[dict[str, Any], str], None]
+# report(metrics, checkpoint folder or None): returns once Tune took the epoch; the folder is the reporter's to remove
+Report = Callable[[dict[str, Any], str | None], None]
 
 
 class ReportCallback(EpochTimer, Checkpoint):
@@ -109,18 +108,16 @@ class ReportCallback(EpochTimer, Checkpoint):
         self.report(metrics, directory)
         self.report_seconds = time.perf_counter() - began
 
-    def report_restored(self, checkpoint: str) -> None:
-        """A trial resumed from its last epoch's checkpoint trains nothing (its result never reached Tune: the driver
-        was killed first, checkpoints.repair_tracked): report that epoch again, with a copy of the checkpoint, so
-        that Tune, result.json and W&B get its epochs. Nothing when an epoch was reported."""
+    def report_restored(self) -> None:
+        """A trial resumed from its last epoch's checkpoint trains nothing (its result may never have reached Tune:
+        the driver was killed first, checkpoints.repair_tracked): report that epoch again, marked FILLED_KEY and
+        without a checkpoint (Tune has it), so that Tune, result.json and W&B get its epochs. Nothing when an epoch
+        was reported."""
         if not self.restored:
             return
-        directory = tempfile.mkdtemp(prefix="trial-ckpt-")
-        shutil.copyfile(checkpoint, os.path.join(directory, CHECKPOINT_NAME))
-        save_history(self.restored, directory)
-        metrics = {**self.restored[-1], "restored_history": self.restored}
+        metrics = {**self.restored[-1], "restored_history": self.restored, FILLED_KEY: True}
         self.restored = []
-        self.report(metrics, directory)
+        self.report(metrics, None)
 
 
 def save_history(history: list[dict[str, Any]], directory: str) -> None:
@@ -179,8 +176,7 @@ def train_trial(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    if checkpoint is not None:
-        callback.report_restored(checkpoint)
+    callback.report_restored()
 
 
 def release_memory() -> None:

@@ -52,19 +52,20 @@ def trial_settings(checkpoint: str | None, started: float) -> dict[str, Any]:
     }
 
 
-def reporter(warning: str | None, skipped: list[str] = ()) -> Callable[[dict[str, Any], str], None]:
+def reporter(warning: str | None, skipped: list[str] = ()) -> Callable[[dict[str, Any], str | None], None]:
     """report(metrics, checkpoint folder): hand one epoch to Tune; blocks until Tune took it (when ASHA stops the
     trial, Tune ends this thread there). The epoch is Tune's training_iteration, also after a fall back to an older
     checkpoint than Tune's newest (Tune would count on from the newest); the first epoch carries the warning."""
     notes = {resume.WARNING_KEY: warning, resume.SKIPPED_KEY: list(skipped)} if warning else {}
 
-    def report(metrics: dict[str, Any], directory: str) -> None:
+    def report(metrics: dict[str, Any], directory: str | None) -> None:
         try:
             result = {**metrics, "training_iteration": metrics["epoch"], **notes}
             notes.clear()
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
         finally:
-            shutil.rmtree(directory, ignore_errors=True)
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
 
     return report
 
