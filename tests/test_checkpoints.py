@@ -260,6 +260,7 @@ def test_the_result_log_fills_the_epochs_a_killed_driver_never_copied_to_storage
     assert [row["training_iteration"] for row in written] == [1, 2, 3, 4, 5, 6]
     assert [row["val_acc"] for row in written[2:4]] == list(VAL_ACC[2:4]) and written[2]["trial_id"] == "t"
     assert [bool(row.get(FILLED_KEY)) for row in written] == [False, False, True, True, False, False]
+    assert written[2]["config"] == trial.config and written[2]["done"] is False  # Tune's keys that readers use
     assert written[0]["pid"] == 1  # the rows on storage, as they were
 
 

@@ -236,7 +236,9 @@ class ResultLog(JsonLoggerCallback):
         last, epoch = self.last_epoch.get(trial.trial_id, 0), result.get("training_iteration", 0)
         for row in result.get("restored_history") or []:
             if last < row["epoch"] < epoch:  # trained before the restore; its row never reached storage
-                filled = {**row, "training_iteration": row["epoch"], "trial_id": trial.trial_id, FILLED_KEY: True}
+                # as Tune's rows are, with its keys that readers use (but not its timings, which it never measured)
+                tune_keys = {"training_iteration": row["epoch"], "trial_id": trial.trial_id, "config": trial.config}
+                filled = {**row, **tune_keys, "done": False, FILLED_KEY: True}
                 super().log_trial_result(iteration, trial, filled)
         if not (result.get(FILLED_KEY) and epoch <= last):  # a trial resumed from its last epoch reports it again
             super().log_trial_result(iteration, trial, result)
