@@ -61,9 +61,10 @@ def reads(fs: pafs.FileSystem, path: str) -> bool:
     return True
 
 
-def file_names(fs: pafs.FileSystem, root: str) -> list[str]:
-    """The names of the files in the search's folder (not its trial folders)."""
-    return [info.base_name for info in fs.get_file_info(pafs.FileSelector(root)) if info.type == pafs.FileType.File]
+def file_names(fs: pafs.FileSystem, root: str, infos: list[pafs.FileInfo] | None = None) -> list[str]:
+    """The names of the files in the search's folder (not its trial folders); `infos`: its listing, if made."""
+    infos = fs.get_file_info(pafs.FileSelector(root)) if infos is None else infos
+    return [info.base_name for info in infos if info.type == pafs.FileType.File]
 
 
 def preference(stamp: str) -> tuple[str, bool]:
@@ -107,9 +108,9 @@ def restorable(experiment: str, storage_filesystem: pafs.FileSystem | None = Non
     )
 
 
-def newest_state(fs: pafs.FileSystem, root: str) -> str | None:
+def newest_state(fs: pafs.FileSystem, root: str, infos: list[pafs.FileInfo] | None = None) -> str | None:
     """The experiment_state file Tune restores: the newest by name, as Tune picks; None when there is none."""
-    names = file_names(fs, root)
+    names = file_names(fs, root, infos)
     return max((name for name in names if name.startswith("experiment_state-") and name.endswith(".json")), default=None)
 
 
@@ -156,7 +157,8 @@ def repair(experiment: str, max_t: int, stopped: set[str], storage_filesystem: p
       epoch's result, which said go on, and handed its actor to the next trial 0.5 s later; how Tune came to was
       not found)."""
     fs, root = get_fs_and_path(experiment, storage_filesystem)
-    if (newest := newest_state(fs, root)) is None:
+    infos = fs.get_file_info(pafs.FileSelector(root))  # one listing: the state files and the trial folders
+    if (newest := newest_state(fs, root, infos)) is None:
         return Repair(set(), {}, [])
     with fs.open_input_stream(f"{root}/{newest}") as stream:
         state = json.loads(stream.readall())
@@ -181,13 +183,12 @@ def repair(experiment: str, max_t: int, stopped: set[str], storage_filesystem: p
         with fs.open_output_stream(f"{root}/{newest}{PART}") as stream:  # whole or not at all, as WholeState writes
             stream.write(json.dumps(state).encode())
         fs.move(f"{root}/{newest}{PART}", f"{root}/{newest}")
-    return Repair({trial["trial_id"] for _, trial, _ in entries}, ended, warnings, trial_folders(fs, root))
+    return Repair({trial["trial_id"] for _, trial, _ in entries}, ended, warnings, trial_folders(infos))
 
 
-def trial_folders(fs: pafs.FileSystem, root: str) -> set[str]:
-    """The ids of the trials with a folder in the search's: trial_<id>, or trial_<id>_<4 hex> (Tune's name for a
-    folder whose name was taken)."""
-    infos = fs.get_file_info(pafs.FileSelector(root))
+def trial_folders(infos: list[pafs.FileInfo]) -> set[str]:
+    """The ids of the trials with a folder in the search's (`infos`, its listing): trial_<id>, or trial_<id>_<4 hex>
+    (Tune's name for a folder whose name was taken)."""
     return {
         m.group(1) for info in infos if info.type == pafs.FileType.Directory and (m := TRIAL_FOLDER.fullmatch(info.base_name))
     }

@@ -20,9 +20,9 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import posixpath
 import sys
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
@@ -163,17 +163,14 @@ def trial_folder(trial: Any) -> str | None:
 def forget(trial: Any, names: list[str]) -> None:
     """Stop tracking the trial's checkpoints in these folders (by name), which its actor found unreadable or weights
     only and passed over: Tune tracks each with its epoch's metrics and could keep one as the trial's best, whose
-    test then fails (seen: a truncated model file kept as the winner's). The same private reach as retrack."""
+    test then fails (seen: a truncated model file kept as the winner's). Its latest, if among them, becomes its
+    newest other one until Tune tracks this result's checkpoint."""
     manager = trial.run_metadata.checkpoint_manager
-    if not hasattr(manager, "_checkpoint_results"):
-        raise RuntimeError("this Ray release tracks a trial's checkpoints elsewhere: update checkpoints.forget")
-    gone = lambda result: posixpath.basename(result.checkpoint.path.rstrip("/")) in names  # noqa: E731
-    manager._checkpoint_results = [result for result in manager._checkpoint_results if not gone(result)]
-    if manager._latest_checkpoint_result is not None and gone(manager._latest_checkpoint_result):
-        newest = max(manager._checkpoint_results, key=lambda result: index(result.checkpoint), default=None)
-        manager._latest_checkpoint_result = newest  # until this result's checkpoint, which Tune tracks next
-    trial.invalidate_json_state()
-    trial.run_metadata.invalidate_cache()
+    tracked_now = [*manager.best_checkpoint_results, *filter(None, [manager.latest_checkpoint_result])]
+    kept = [r for r in tracked_now if posixpath.basename(r.checkpoint.path.rstrip("/")) not in names]
+    latest = manager.latest_checkpoint_result if manager.latest_checkpoint_result in kept else None
+    latest = latest or max(kept, key=lambda result: index(result.checkpoint), default=None)
+    retrack(trial, {r.checkpoint.path.rstrip("/") for r in kept}, latest and (latest.checkpoint, latest.metrics))
 
 
 def repair_tracked(trial: Any) -> str | None:
@@ -215,6 +212,18 @@ def repair_tracked(trial: Any) -> str | None:
     return f"{gone}, which Tune's state names, is gone from storage: resumed from {posixpath.basename(newest[0].path)}"
 
 
+def result_rows(path: Path) -> list[dict[str, Any]]:
+    """A trial's results from Tune's result.json, one per epoch (a line cut short by a killed driver skipped)."""
+    rows = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows[row["training_iteration"]] = row
+    return [rows[epoch] for epoch in sorted(rows)]
+
+
 class ResultLog(JsonLoggerCallback):
     """Tune's result.json writer (JsonLoggerCallback), which loses no epoch of a trial resumed from a checkpoint
     newer than the rows on storage: a killed driver copied its rows there last up to 10 s before, while the trial's
@@ -228,9 +237,8 @@ class ResultLog(JsonLoggerCallback):
 
     def log_trial_start(self, trial: Any) -> None:
         super().log_trial_start(trial)  # restores the file from storage for a trial with a checkpoint
-        with open(os.path.join(trial.local_path, "result.json")) as file:
-            rows = [json.loads(line) for line in file.read().splitlines() if line.endswith("}")]  # whole lines
-        self.last_epoch[trial.trial_id] = max((row.get("training_iteration", 0) for row in rows), default=0)
+        rows = result_rows(Path(trial.local_path) / "result.json")
+        self.last_epoch[trial.trial_id] = rows[-1]["training_iteration"] if rows else 0
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
         last, epoch = self.last_epoch.get(trial.trial_id, 0), result.get("training_iteration", 0)

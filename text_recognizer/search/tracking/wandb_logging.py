@@ -21,7 +21,7 @@ from typing import Any
 from ray import tune
 
 from text_recognizer.facts import TRIAL_PREFIX, TrialStatus, trial_status, wandb_run_id
-from text_recognizer.search.outputs.checkpoints import tracked_results
+from text_recognizer.search.outputs.checkpoints import result_rows, tracked_results
 from text_recognizer.search.spec import SearchSpec
 from text_recognizer.search.tracking import sweep
 from text_recognizer.util import UserError
@@ -284,18 +284,6 @@ class EndedTrial:
 
     def __str__(self) -> str:  # as str() of a Tune trial: its name
         return self.name
-
-
-def result_rows(path: Path) -> list[dict[str, Any]]:
-    """A trial's results from Tune's result.json, one per epoch (a line cut short by a killed driver skipped)."""
-    rows = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        rows[row["training_iteration"]] = row
-    return [rows[epoch] for epoch in sorted(rows)]
 
 
 def offline_run_ends(folder: Path) -> dict[str, int | None]:

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,7 +30,7 @@ FORK_TARGET = "text_recognizer.search.trial.trial_process:run_in_fork"
 
 
 @contextmanager
-def restored_checkpoint() -> Iterator[tuple[str | None, Callable[[dict[str, Any], str], None]]]:
+def restored_checkpoint() -> Iterator[tuple[str | None, Callable[[dict[str, Any], str | None], None]]]:
     """The model file this trial resumes from (None: a fresh trial, or none of its checkpoints is readable), and
     the function that hands its epochs to Tune."""
     with resume.resumable(tune.get_checkpoint()) as (checkpoint, warning, skipped):
@@ -52,8 +52,8 @@ def trial_settings(checkpoint: str | None, started: float) -> dict[str, Any]:
     }
 
 
-def reporter(warning: str | None, skipped: list[str] = ()) -> Callable[[dict[str, Any], str | None], None]:
-    """report(metrics, checkpoint folder): hand one epoch to Tune; blocks until Tune took it (when ASHA stops the
+def reporter(warning: str | None, skipped: Sequence[str] = ()) -> Callable[[dict[str, Any], str | None], None]:
+    """report(metrics, checkpoint folder or None): hand one epoch to Tune; blocks until Tune took it (when ASHA stops the
     trial, Tune ends this thread there). The epoch is Tune's training_iteration, also after a fall back to an older
     checkpoint than Tune's newest (Tune would count on from the newest); the first epoch carries the warning."""
     notes = {resume.WARNING_KEY: warning, resume.SKIPPED_KEY: list(skipped)} if warning else {}
