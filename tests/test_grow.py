@@ -239,3 +239,34 @@ def test_a_trial_the_resume_ended_again_ends_in_the_sampler(local_ray: None, sam
         (told, _) = generator.searcher.searcher._ot_study.trials
         assert (told.state.name, told.value) == ("COMPLETE", 7.5)
     assert end_in_sampler(generator, {"never_made": {"score": 1.0}}) == ([] if sampler == "optuna" else ["never_made"])
+
+
+def test_a_restored_trial_its_study_lacks_joins_it_with_its_config(local_ray: None) -> None:
+    """The study and the limit restored from an older save than the trials': Tune tells a result of a trial neither
+    knows (which raised a KeyError in OptunaSearch). It joins the study with its config and its value at each epoch,
+    the limit counts it running until it ends, and the study's next trials are the sampler's own."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    generator = GrowingSearchGenerator(ConcurrencyLimiter(OptunaSearch(seed=0), max_concurrent=2))
+    generator.set_search_properties("score", "max", SPACE)
+    tune.register_trainable("report_epochs", report_epochs)
+    generator.add_configurations({"run": {"run": "report_epochs", "config": SPACE, "num_samples": 4}})
+    limit, study = generator.searcher, generator.searcher.searcher._ot_study
+    for epoch in (1, 2):
+        generator.on_trial_result(
+            "restored", {"config/x": 0.25, "config/epochs": 2, "score": 0.25 + epoch, "training_iteration": epoch}
+        )
+    assert limit.live_trials == {"restored"}
+    assert generator.next_trial() is not None and generator.next_trial() is None  # the restored one holds a slot
+    generator.on_trial_complete("restored", {"config/x": 0.25, "score": 2.25, "training_iteration": 2})
+    adopted = study.trials[0]
+    assert (adopted.state.name, adopted.params, adopted.value) == ("COMPLETE", {"x": 0.25}, 2.25)
+    assert adopted.intermediate_values == {1: 1.25, 2: 2.25}
+    assert len(limit.live_trials) == 1 and "restored" not in limit.live_trials  # the sampler's own, still running
+    assert generator.next_trial() is not None  # its slot is free
+    # one that failed before any result, known to the limit only: it frees its slot, the study never hears of it
+    limit.live_trials.add("failed_early")
+    limit.num_unfinished_live_trials += 1
+    generator.on_trial_complete("failed_early", {}, error=True)
+    assert "failed_early" not in limit.live_trials and len(study.trials) == 3

@@ -22,6 +22,9 @@ ResultGrid, and `--resume` after a kill works as for any search. What Tune lacks
   had (the long chaos run: 998 trials, the sampler at 1,000, a search that could never end). On restore its count
   goes back to the trials Tune restored (`Part.restored`), so it draws the lost ones again (`reconcile_samples`,
   `reconcile_searcher_samples`, the same private reach as the sample count's).
+- the study knows every trial Tune restored: the limit's state and the study's are two more files of a save, and
+  a killed driver's copy can leave them older than the trials'. A restored trial the study lacks joins it, with
+  its config, at its first result (`adopt_in_searcher`), as Tune would otherwise fail the resume on a KeyError.
 - the sampler hears of the trials a resume ended again (`end_in_sampler`): a state older than a trial's end
   (saved_state.repair) restores a sampler that still waits for it, and Tune never tells it.
 - ASHA's rungs survive a restore: Tune never saves the scheduler's state, so a restored ASHA would judge new trials
@@ -180,9 +183,39 @@ class GrowingVariantGenerator(BasicVariantGenerator):
             raise_samples(self, Part.num_samples, reopen=has_time())
 
 
+def adopt_in_searcher(generator: SearchGenerator, trial_id: str, result: Mapping[str, Any] | None) -> bool:
+    """Private reach: make a trial that Tune restored and its Optuna study lacks one of the study's, with the
+    config Tune's flattened `result` holds (config/<key>), counted running by its concurrency limit, so that what
+    Tune tells of it reaches the study. Tune saves the trials, the limit and the study in three files, which a
+    killed driver's copy to storage can leave from different saves (CI, test_optuna_search_killed_then_resumed: a
+    KeyError in OptunaSearch.on_trial_result ended the resume). Returns whether the searcher may hear of the trial:
+    True for one it knows (now) and for a searcher that is not Optuna's; False for a result without the config (a
+    trial that failed before its first result), which only frees its slot in the limit."""
+    wrappers, searcher = [], generator.searcher
+    while hasattr(searcher, "searcher"):  # a ConcurrencyLimiter (Tune's wrappers all keep the wrapped one there)
+        wrappers.append(searcher)
+        searcher = searcher.searcher
+    known = getattr(searcher, "_ot_trials", None)
+    if known is None or trial_id in known or trial_id in searcher._completed_trials:
+        return True
+    limits = [wrapper for wrapper in wrappers if getattr(wrapper, "_limit_concurrency", False)]
+    params = {key: (result or {}).get(f"config/{key}") for key in searcher._space}
+    if None in params.values():
+        for limit in (limit for limit in limits if trial_id in limit.live_trials):
+            limit.live_trials.discard(trial_id)
+            limit.num_unfinished_live_trials -= 1
+        return False
+    searcher._ot_study.enqueue_trial(params)  # the restored trial's values, asked back as they are
+    known[trial_id] = searcher._ot_study.ask(fixed_distributions=searcher._space)
+    for limit in (limit for limit in limits if trial_id not in limit.live_trials):
+        limit.live_trials.add(trial_id)
+        limit.num_unfinished_live_trials += 1
+    return True
+
+
 class GrowingSearchGenerator(SearchGenerator):
     """Tune's wrapper of a Searcher (OptunaSearch), made to agree with the trials Tune restored and raised to this
-    part's sample count whenever Tune restores it."""
+    part's sample count whenever Tune restores it; a restored trial its study lacks is adopted (adopt_in_searcher)."""
 
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
@@ -191,6 +224,14 @@ class GrowingSearchGenerator(SearchGenerator):
             reconcile_searcher_samples(self, Part.restored)
         if Part.num_samples:
             raise_searcher_samples(self, Part.num_samples, reopen=has_time())
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if adopt_in_searcher(self, trial_id, result):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if adopt_in_searcher(self, trial_id, result):
+            super().on_trial_complete(trial_id, result, error)
 
 
 class PartBudget(Stopper):
