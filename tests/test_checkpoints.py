@@ -14,7 +14,7 @@ from conftest import FIVE_EPOCHS, finish, results, wait_for
 from ray import tune
 from ray.tune import ExperimentAnalysis
 
-from text_recognizer.facts import CHECKPOINT_NAME, ENDED_NAME, FILLED_KEY, HISTORY_NAME
+from text_recognizer.facts import CHECKPOINT_NAME, ENDED_NAME, FILLED_KEY, HISTORY_NAME, PART
 from text_recognizer.search.outputs.checkpoints import keep_only, repair_tracked, weights_only
 from text_recognizer.search.trial.resume import model_only, resumable
 
@@ -332,7 +332,7 @@ def test_pruning_leaves_the_trial_s_final_result_beside_its_best_checkpoint(tmp_
     assert "optimizer_states" not in torch.load(trial_dir / "checkpoint_000001" / CHECKPOINT_NAME, weights_only=True)
     ended = json.loads((trial_dir / ENDED_NAME).read_text())
     assert {key: ended[key] for key in final} == final
-    assert not list(trial_dir.glob("*.partial"))
+    assert not list(trial_dir.glob(f"*{PART}"))  # no file left half-written
 
 
 def test_a_weights_only_checkpoint_is_not_resumed_from(tmp_path: Path) -> None:

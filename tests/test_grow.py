@@ -270,3 +270,21 @@ def test_a_restored_trial_its_study_lacks_joins_it_with_its_config(local_ray: No
     limit.num_unfinished_live_trials += 1
     generator.on_trial_complete("failed_early", {}, error=True)
     assert "failed_early" not in limit.live_trials and len(study.trials) == 3
+
+
+def test_a_lost_trial_the_limit_counts_and_the_study_lacks_frees_its_slot(local_ray: None) -> None:
+    """The limit's state a save newer than the study's: a lost trial it counts as running that the study never had
+    frees its slot at the resume (Optuna would raise a KeyError), and the study is left as it was."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    generator = GrowingSearchGenerator(ConcurrencyLimiter(OptunaSearch(seed=0), max_concurrent=1))
+    generator.set_search_properties("score", "max", SPACE)
+    tune.register_trainable("report_epochs", report_epochs)
+    generator.add_configurations({"run": {"run": "report_epochs", "config": SPACE, "num_samples": 3}})
+    generator.searcher.live_trials.add("lost")
+    generator.searcher.num_unfinished_live_trials += 1
+    assert generator.next_trial() is None  # the limit waits for it
+    reconcile_searcher_samples(generator, restored=set())
+    assert generator.searcher.live_trials == set() and generator.searcher.searcher._ot_study.trials == []
+    assert generator.next_trial() is not None

@@ -26,6 +26,7 @@ SEARCH_FILE = "search.json"  # the resolved description of a search, so --resume
 SUMMARY_FILE = "summary.json"  # a search's results, written at its end (and at every interruption)
 TUNE_STATE_FILE = "tuner.pkl"  # Tune's own record of a search (Tuner.restore needs it): its presence marks one
 TRIAL_PREFIX = "trial_"  # a trial's folder and name in Tune's storage: trial_<trial id>
+PART = ".part"  # a file being written whole (write_whole): a name no pattern of Tune's or ours matches
 RUN_SCRIPT = "training/run_experiment.py"
 SEARCH_SCRIPT = "search/tune_mlp.py"
 REPORT_PAGE = Path("report") / "report.html"  # a search's offline report, inside its folder
@@ -47,9 +48,17 @@ def write_whole(path: Path | str, text: str) -> None:
     a temporary name beside it, then a rename (atomic on one filesystem). A resume reads these files after any kill.
     """
     path = Path(path)
-    partial = path.with_name(f".{path.name}.part")  # one writer per file (one driver per search): a fixed name
+    partial = path.with_name(f".{path.name}{PART}")  # one writer per file (one driver per search): a fixed name
     partial.write_text(text)
     os.replace(partial, path)
+
+
+def write_whole_to(fs: Any, path: str, data: bytes) -> None:
+    """write_whole on a pyarrow filesystem `fs` (a folder or an object store): `data` to `path` through a temporary
+    name and a move, so a reader never sees half a file (an object store's upload is whole anyway)."""
+    with fs.open_output_stream(path + PART) as stream:
+        stream.write(data)
+    fs.move(path + PART, path)
 
 
 def config_to_argv(config: dict[str, Any]) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from text_recognizer.facts import FASHION_MNIST_MD5
+from text_recognizer.facts import FASHION_MNIST_MD5, PART
 from text_recognizer.util import UserError
 
 # The arrays a data module is made of: normalized float32 images (N, C, H, W) and int64 labels,
@@ -74,7 +74,7 @@ def copy_verified(source: Path, raw: Path, md5s: dict[str, str]) -> bool:
             raise UserError(f"corrupt data file {source / name}.gz: cannot decompress ({type(error).__name__})") from None
         if hashlib.md5(data).hexdigest() != expected:
             raise UserError(f"corrupt data file {source / name}.gz: checksum mismatch after decompression")
-        partial = raw / f"{name}.partial"
+        partial = raw / f"{name}{PART}"
         partial.write_bytes(data)
         partial.replace(raw / name)  # atomic: a killed copy never leaves a truncated file under the real name
     return True

@@ -47,6 +47,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.search_generator import SearchGenerator
 from ray.tune.stopper import Stopper
+from ray.tune.utils import flatten_dict
 
 
 class Part:
@@ -152,7 +153,7 @@ def reconcile_searcher_samples(generator: SearchGenerator, restored: Collection[
     if lost:
         generator.set_state({**state, "counter": len(restored)})
     for trial_id in set(getattr(generator.searcher, "live_trials", ())) - set(restored):
-        generator.searcher.on_trial_complete(trial_id, error=True)
+        generator.on_trial_complete(trial_id, error=True)  # a study that lacks it too: only the limit lets go
     return lost
 
 
@@ -199,7 +200,8 @@ def adopt_in_searcher(generator: SearchGenerator, trial_id: str, result: Mapping
     if known is None or trial_id in known or trial_id in searcher._completed_trials:
         return True
     limits = [wrapper for wrapper in wrappers if getattr(wrapper, "_limit_concurrency", False)]
-    params = {key: (result or {}).get(f"config/{key}") for key in searcher._space}
+    flat = flatten_dict(dict(result or {}))  # Tune's results come flat; an ended.json's (end_in_sampler) nested
+    params = {key: flat.get(f"config/{key}") for key in searcher._space}
     if None in params.values():
         for limit in (limit for limit in limits if trial_id in limit.live_trials):
             limit.live_trials.discard(trial_id)

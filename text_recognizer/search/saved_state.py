@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 from ray import cloudpickle, tune
 from ray.train._internal.storage import get_fs_and_path
 
-from text_recognizer.facts import ENDED_NAME, TRIAL_PREFIX, TrialStatus, its_end, trial_status
+from text_recognizer.facts import ENDED_NAME, PART, TRIAL_PREFIX, TrialStatus, its_end, trial_status, write_whole_to
 from text_recognizer.util import UserError
 
 STATE_FILE = re.compile(r"(?:experiment_state|basic-variant-state|search_gen_state|searcher-state)-(.+)\.(?:json|pkl)")
@@ -46,7 +46,6 @@ WHOLE = "~whole"  # WholeState's stamp suffix: '~' sorts after every character o
 WHOLE_EVERY_S = 10.0
 SUPERSEDED = "superseded-state"  # the sets older than the one restored: Tune reads only the search folder's own files
 TRIAL_FOLDER = re.compile(re.escape(TRIAL_PREFIX) + r"(.+?)(?:_[0-9a-f]{4})?")  # its id: see trial_folders
-PART = ".part"  # a copy being written: a name no Tune pattern (nor STATE_FILE) matches
 
 
 def reads(fs: pafs.FileSystem, path: str) -> bool:
@@ -180,9 +179,7 @@ def repair(experiment: str, max_t: int, stopped: set[str], storage_filesystem: p
     warnings = [f"warning: Tune's saved state ended trials {', '.join(reopened)} without their end: they run on"] * bool(reopened)
     warnings += [f"warning: the saved state is older than the end of trials {', '.join(closed)}: they stay ended"] * bool(closed)
     if warnings:
-        with fs.open_output_stream(f"{root}/{newest}{PART}") as stream:  # whole or not at all, as WholeState writes
-            stream.write(json.dumps(state).encode())
-        fs.move(f"{root}/{newest}{PART}", f"{root}/{newest}")
+        write_whole_to(fs, f"{root}/{newest}", json.dumps(state).encode())  # whole or not at all, as WholeState writes
     return Repair({trial["trial_id"] for _, trial, _ in entries}, ended, warnings, trial_folders(infos))
 
 

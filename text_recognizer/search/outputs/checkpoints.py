@@ -38,6 +38,7 @@ from text_recognizer.facts import (
     TRIAL_PREFIX,
     TrialStatus,
     search_ended,
+    write_whole_to,
 )
 from text_recognizer.search.trial.resume import FOLDER, SKIPPED_KEY, WARNING_KEY, checkpoint_folders, index, siblings
 
@@ -56,13 +57,6 @@ def weights_only(checkpoint: tune.Checkpoint) -> bool:
     torch.save({key: value for key, value in state.items() if key not in TRAINER_STATE}, buffer)
     write_whole_to(fs, path, buffer.getvalue())
     return True
-
-
-def write_whole_to(fs: pyarrow.fs.FileSystem, path: str, data: bytes) -> None:
-    """Write `data` to `path` on `fs` through a temporary name and a move: a reader never sees half a file."""
-    with fs.open_output_stream(path + ".partial") as stream:
-        stream.write(data)
-    fs.move(path + ".partial", path)
 
 
 def tracked_results(trial: Any) -> tuple[Any, Any]:
