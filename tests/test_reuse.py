@@ -4,6 +4,7 @@ a local Ray of 1 CPU, so each trial after the first is given the last one's acto
 from __future__ import annotations
 
 import os
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -73,3 +74,62 @@ def test_tune_alone_fails_that_trial_for_good(local_ray: None, tmp_path: Path, h
     """What reuse.py is for: when this fails, a Ray release retries such trials itself, and reuse.py can go."""
     (errored,) = errored_after(tmp_path, how, retrying=False)
     assert errored.metrics.get("score") is None  # it never ran a step, and max_failures=2 did not retry it
+
+
+def slow_to_start(starts: Path) -> type:
+    """Made here, so that Ray pickles it by value. Every actor but the first takes 3 s to start; a trial takes two
+    steps of 0.1 s. Each start (setup) appends the actor's pid to `starts`."""
+
+    class SlowToStart(tune.Trainable):
+        def setup(self, config: dict) -> None:
+            first = not starts.exists()
+            with starts.open("a") as file:
+                file.write(f"{os.getpid()}\n")
+            if not first:
+                time.sleep(3.0)
+            self.steps = 0
+
+        def step(self) -> dict:
+            time.sleep(0.1)
+            self.steps += 1
+            return {"pid": os.getpid(), "done": self.steps >= 2}
+
+        def reset_config(self, new_config: dict) -> bool:
+            self.steps = 0
+            return True
+
+        def save_checkpoint(self, checkpoint_dir: str) -> None:
+            return None
+
+        def load_checkpoint(self, checkpoint: object) -> None:
+            pass
+
+    return SlowToStart
+
+
+def actors_of(tmp_path: Path, retrying: bool) -> tuple[int, set[int]]:
+    """A search of 30 short trials on two slots (0.5 CPU each); the actors started, and the pids that trained."""
+    starts = tmp_path / "starts"
+    tuner = tune.Tuner(
+        tune.with_resources(slow_to_start(starts), {"cpu": 0.5}),
+        param_space={"x": tune.grid_search(list(range(30)))},
+        tune_config=tune.TuneConfig(reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="slow", verbose=0),
+    )
+    with retrying_resets() if retrying else nullcontext():
+        results = tuner.fit()
+    assert not results.errors
+    return len(starts.read_text().split()), {result.metrics["pid"] for result in results}
+
+
+def test_a_starting_actor_is_not_removed_for_a_warm_one(local_ray: None, tmp_path: Path) -> None:
+    """The second slot's actor starts once and trains trials beside the first, though each trial ends long before it
+    has started: the warm actor takes the next trial without one, not the starting actor's."""
+    started, trained_in = actors_of(tmp_path, retrying=True)
+    assert len(trained_in) == 2 and started <= 3, (started, trained_in)
+
+
+def test_tune_alone_removes_it_again_and_again(local_ray: None, tmp_path: Path) -> None:
+    """What the fix is for: when this fails, a Ray release keeps starting actors itself, and that part can go."""
+    started, trained_in = actors_of(tmp_path, retrying=False)
+    assert len(trained_in) == 1, (started, trained_in)  # the second slot's actors removed as they start, every one
