@@ -14,9 +14,8 @@ from ray import tune
 from text_recognizer.search.reuse import retrying_resets
 
 
-def trainable(marker: Path, how: str) -> type:
-    """Made here, so that Ray pickles it by value. Its first reset (the second trial's) finds `marker`, removes it,
-    and then the actor dies (`how` == "dies") or refuses the trial, as ours does when the last trial's thread hangs."""
+def two_steps() -> type:
+    """Made here, so that Ray pickles it by value: a trainable of two steps that keeps no checkpoint."""
 
     class TwoSteps(tune.Trainable):
         def setup(self, config: dict) -> None:
@@ -24,14 +23,9 @@ def trainable(marker: Path, how: str) -> type:
 
         def step(self) -> dict:
             self.steps += 1
-            return {"score": self.config["x"], "done": self.steps >= 2}
+            return {"score": self.config["x"], "pid": os.getpid(), "done": self.steps >= 2}
 
         def reset_config(self, new_config: dict) -> bool:
-            if marker.exists():
-                marker.unlink()
-                if how == "dies":
-                    os._exit(1)
-                return False
             self.steps = 0
             return True
 
@@ -42,6 +36,22 @@ def trainable(marker: Path, how: str) -> type:
             pass
 
     return TwoSteps
+
+
+def trainable(marker: Path, how: str) -> type:
+    """Its first reset (the second trial's) finds `marker`, removes it, and then the actor dies (`how` == "dies") or
+    refuses the trial, as ours does when the last trial's thread hangs."""
+
+    class FailsItsReset(two_steps()):
+        def reset_config(self, new_config: dict) -> bool:
+            if marker.exists():
+                marker.unlink()
+                if how == "dies":
+                    os._exit(1)
+                return False
+            return super().reset_config(new_config)
+
+    return FailsItsReset
 
 
 def errored_after(tmp_path: Path, how: str, retrying: bool) -> list:
@@ -77,32 +87,21 @@ def test_tune_alone_fails_that_trial_for_good(local_ray: None, tmp_path: Path, h
 
 
 def slow_to_start(starts: Path) -> type:
-    """Made here, so that Ray pickles it by value. Every actor but the first takes 3 s to start; a trial takes two
-    steps of 0.1 s. Each start (setup) appends the actor's pid to `starts`."""
+    """Every actor but the first takes 3 s to start; a step takes 0.1 s. Each start (setup) appends the actor's pid
+    to `starts`."""
 
-    class SlowToStart(tune.Trainable):
+    class SlowToStart(two_steps()):
         def setup(self, config: dict) -> None:
             first = not starts.exists()
             with starts.open("a") as file:
                 file.write(f"{os.getpid()}\n")
             if not first:
                 time.sleep(3.0)
-            self.steps = 0
+            super().setup(config)
 
         def step(self) -> dict:
             time.sleep(0.1)
-            self.steps += 1
-            return {"pid": os.getpid(), "done": self.steps >= 2}
-
-        def reset_config(self, new_config: dict) -> bool:
-            self.steps = 0
-            return True
-
-        def save_checkpoint(self, checkpoint_dir: str) -> None:
-            return None
-
-        def load_checkpoint(self, checkpoint: object) -> None:
-            pass
+            return super().step()
 
     return SlowToStart
 
